@@ -1,0 +1,475 @@
+//! `PerCpuAlloc`: the `GlobalAlloc` that puts the per-CPU caches in front of
+//! jemalloc.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+use crate::backend;
+use crate::config::Config;
+use crate::context::{current_context, Context};
+use crate::cpu_cache::Table;
+use crate::drain;
+use crate::fallback;
+use crate::free_list::{fits, head};
+use crate::rseq::{self, Done};
+use crate::rules::{self, Alloc, Free};
+use crate::size_class::{class_of, Class};
+use crate::stats::{self, ListCounts, Path, Snapshot, TrimReport};
+
+/// A global allocator with per-CPU, per-size-class caches in front of
+/// jemalloc.
+///
+/// ```
+/// use percpu_alloc::PerCpuAlloc;
+///
+/// #[global_allocator]
+/// static ALLOC: PerCpuAlloc = PerCpuAlloc::new();
+///
+/// let v: Vec<u64> = (0..1000).collect();
+/// assert_eq!(v.iter().sum::<u64>(), 499_500);
+/// ```
+///
+/// Requests up to the largest cached size whose alignment a size class
+/// guarantees are served from the current CPU's cache; everything else
+/// (misses, overflows, large and over-aligned requests) goes to jemalloc.
+/// The per-CPU table is mapped on first use; until then, and wherever
+/// mapping it fails, requests go straight to jemalloc.
+///
+/// Other instances than the global one work too: each has its own caches,
+/// and memory must be freed through the instance that allocated it.
+/// Dropping an instance gives its cached blocks back to jemalloc.
+pub struct PerCpuAlloc {
+    config: Config,
+    table: AtomicPtr<Table>,
+}
+
+// SAFETY: all shared state is in the table, reached through atomics and the
+// per-CPU exclusion described in `rules`.
+unsafe impl Sync for PerCpuAlloc {}
+// SAFETY: as above; the table is a plain mapping, not tied to a thread.
+unsafe impl Send for PerCpuAlloc {}
+
+impl PerCpuAlloc {
+    /// An allocator with the default [`Config`]: splice threshold 16, cap
+    /// 256, sizes up to 1 KiB cached within 1.5 MiB per CPU, rseq where
+    /// available.
+    pub const fn new() -> Self {
+        Self::with_config(Config::new())
+    }
+
+    /// An allocator with `config`.
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, PerCpuAlloc};
+    ///
+    /// // Always use the try-lock fallback, even where rseq works.
+    /// static FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+    /// # assert_eq!(FALLBACK.path(), percpu_alloc::Path::Fallback);
+    /// ```
+    pub const fn with_config(config: Config) -> Self {
+        PerCpuAlloc {
+            config,
+            table: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// The configuration this allocator was made with.
+    pub const fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Which per-CPU path is live. Decided once, on first use (this call
+    /// counts): rseq if glibc registered it for the calling thread and the
+    /// fallback is not forced, else the fallback.
+    ///
+    /// ```
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// println!("per-CPU path: {}", alloc.path());
+    /// ```
+    pub fn path(&self) -> Path {
+        match self.table() {
+            Some(table) => table.header().path,
+            None => Path::Fallback,
+        }
+    }
+
+    /// How many CPUs the caches cover (`nr_cpu_ids`), 0 if the table could
+    /// not be made.
+    pub fn cpus(&self) -> usize {
+        self.table().map_or(0, |t| t.header().ncpu as usize)
+    }
+
+    /// The lengths of `cpu`'s lists for class index `class`, or `None` if
+    /// either is out of range. Reads in place; allocates nothing.
+    pub fn counts(&self, cpu: usize, class: usize) -> Option<ListCounts> {
+        let table = self.table()?;
+        if cpu >= table.header().ncpu as usize || class >= crate::NUM_CLASSES {
+            return None;
+        }
+        Some(stats::counts(table, cpu, class))
+    }
+
+    /// Every non-empty list of every CPU, read as the iterator goes.
+    /// Allocates nothing, so it can run with this allocator installed.
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    /// use percpu_alloc::PerCpuAlloc;
+    ///
+    /// let alloc = PerCpuAlloc::new();
+    /// let layout = Layout::from_size_align(64, 8).unwrap();
+    /// // SAFETY: a valid layout; the block is freed with the same one.
+    /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+    /// let cached: u32 = alloc.snapshot().map(|c| c.nr + c.nr_sig).sum();
+    /// assert!(cached <= 1);
+    /// ```
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot::new(self.table_if_made())
+    }
+
+    /// Bytes cached now over all CPUs (a moment's reading).
+    pub fn cached_bytes(&self) -> usize {
+        self.snapshot().map(|c| c.bytes()).sum()
+    }
+
+    /// The most bytes one CPU can cache: the sum over classes of cap x
+    /// class size. Multiply by [`cpus`](Self::cpus) for the process.
+    pub const fn cpu_bound_bytes(&self) -> usize {
+        self.config.cpu_bound_bytes()
+    }
+
+    /// Gives every cached block of every CPU back to jemalloc, including
+    /// CPUs this process no longer runs on, and the blocks deferred by
+    /// signal handlers. Safe while other threads allocate: their operations
+    /// meanwhile may miss or overflow, never lose a block.
+    ///
+    /// On the rseq path a CPU's task lists are reached with
+    /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ)` (Linux 5.10+);
+    /// where that is refused they are left, and counted in
+    /// [`TrimReport::cpus_skipped`].
+    ///
+    /// ```
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// let report = alloc.trim();
+    /// assert_eq!(report.cpus_skipped, 0);
+    /// ```
+    pub fn trim(&self) -> TrimReport {
+        match self.table_if_made() {
+            Some(table) => drain::trim(table),
+            None => TrimReport::default(),
+        }
+    }
+
+    /// Allocates from the cache only: a block of the current CPU's task
+    /// list (or its signal list, spliced), or null. Never calls jemalloc,
+    /// never blocks, so a signal handler may call it; on the fallback path
+    /// it returns null whenever the CPU's slot is busy.
+    ///
+    /// The block is freed as usual, with `dealloc` and the same layout.
+    ///
+    /// # Safety
+    /// As [`GlobalAlloc::alloc`].
+    pub unsafe fn alloc_cached(&self, layout: Layout) -> *mut u8 {
+        let table = match self.table_if_made() {
+            Some(t) => t,
+            None => return ptr::null_mut(),
+        };
+        match class_of(layout.size(), layout.align(), table.header().max_size) {
+            Some(class) => take(table, class).0,
+            None => ptr::null_mut(),
+        }
+    }
+
+    /// The table, made on first use; `None` if it cannot be made.
+    #[inline]
+    fn table(&self) -> Option<&Table> {
+        let table = self.table.load(Ordering::Acquire);
+        if !table.is_null() {
+            // SAFETY: a published table lives as long as `self`.
+            return Some(unsafe { &*table });
+        }
+        self.make_table()
+    }
+
+    /// The table if it has been made; never makes it.
+    #[inline]
+    fn table_if_made(&self) -> Option<&Table> {
+        let table = self.table.load(Ordering::Acquire);
+        // SAFETY: a published table lives as long as `self`.
+        (!table.is_null()).then(|| unsafe { &*table })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn make_table(&self) -> Option<&Table> {
+        let (path, offset) = match (self.config.fallback_forced(), rseq::registered()) {
+            (false, Some(offset)) => (Path::Rseq, offset),
+            _ => (Path::Fallback, 0),
+        };
+        let new = Table::create(&self.config, path, offset);
+        if new.is_null() {
+            return None;
+        }
+        match self
+            .table
+            .compare_exchange(ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // SAFETY: just published; lives as long as `self`.
+            Ok(_) => Some(unsafe { &*new }),
+            Err(theirs) => {
+                // SAFETY: ours was never published.
+                unsafe { Table::destroy(new) };
+                // SAFETY: a published table lives as long as `self`.
+                Some(unsafe { &*theirs })
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn alloc_impl(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        if let Some(table) = self.table() {
+            if let Some(class) = class_of(layout.size(), layout.align(), table.header().max_size) {
+                let (block, cpu) = take(table, class);
+                if !block.is_null() {
+                    if zeroed {
+                        // SAFETY: a cached block of this class holds at
+                        // least `layout.size()` bytes.
+                        unsafe { ptr::write_bytes(block, 0, layout.size()) };
+                    }
+                    return block;
+                }
+                return miss(table, class, cpu, zeroed);
+            }
+        }
+        backend::alloc(layout.size().max(1), layout.align(), zeroed)
+    }
+}
+
+impl Default for PerCpuAlloc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PerCpuAlloc {
+    fn drop(&mut self) {
+        let table = *self.table.get_mut();
+        if !table.is_null() {
+            // SAFETY: `&mut self`: no call into this allocator is running,
+            // and none can start, so the table is ours to empty and unmap.
+            unsafe {
+                drain::teardown(&*table);
+                Table::destroy(table);
+            }
+        }
+    }
+}
+
+/// Takes a cached block of `class` on the current CPU: a hit, or a splice.
+/// Returns null on a miss, with the CPU looked at (if any).
+#[inline(always)]
+fn take(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
+    let header = table.header();
+    match header.path {
+        Path::Rseq => {
+            // SAFETY: the table is live and on the rseq path.
+            let (word, cpu) = unsafe {
+                rseq::pop(
+                    header.rseq_offset,
+                    table.cpus_base().wrapping_add(class * 16),
+                    header.ncpu,
+                )
+            };
+            if word != 0 {
+                return (head(word), Some(cpu as usize));
+            }
+            if cpu == u32::MAX {
+                return (ptr::null_mut(), None);
+            }
+            match rules::splice_rseq(table, cpu as usize, class) {
+                Alloc::Spliced(block) => (block, Some(cpu as usize)),
+                _ => (ptr::null_mut(), Some(cpu as usize)),
+            }
+        }
+        Path::Fallback => {
+            let cpu = match fallback::current_cpu(header.ncpu) {
+                Some(cpu) => cpu,
+                None => return (ptr::null_mut(), None),
+            };
+            match rules::alloc_locked(table, cpu, class) {
+                Alloc::Hit(block) | Alloc::Spliced(block) => (block, Some(cpu)),
+                Alloc::Miss | Alloc::Busy => (ptr::null_mut(), Some(cpu)),
+            }
+        }
+    }
+}
+
+/// A miss: a fresh block from jemalloc, outside any critical section or
+/// slot. Task context also hands back the CPU's deferred blocks first.
+#[cold]
+#[inline(never)]
+fn miss(table: &Table, class: Class, cpu: Option<usize>, zeroed: bool) -> *mut u8 {
+    if let Some(cpu) = cpu {
+        if current_context() == Context::Task {
+            return_deferred(table, cpu);
+        }
+    }
+    backend::alloc_class(class, zeroed)
+}
+
+/// Task context, outside any critical section: deferred blocks go home.
+#[inline]
+fn return_deferred(table: &Table, cpu: usize) {
+    if let Some(chain) = rules::take_deferred(table, cpu) {
+        for block in chain {
+            // SAFETY: deferred blocks are live jemalloc blocks nobody uses.
+            unsafe { backend::free_unsized(block) };
+        }
+    }
+}
+
+/// An overflow or an other-context free in task context: to jemalloc.
+#[cold]
+#[inline(never)]
+unsafe fn overflow(table: &Table, class: Class, block: *mut u8, cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        return_deferred(table, cpu);
+    }
+    // SAFETY: our caller's block of `class`.
+    unsafe { backend::free_class(block, class) };
+}
+
+/// Frees `block` of `class` into the current CPU's cache.
+///
+/// # Safety
+/// `block` is a block of `class` from this table's allocator, no longer
+/// used.
+#[inline(always)]
+unsafe fn give(table: &Table, class: Class, block: *mut u8) {
+    let header = table.header();
+    let ctx = current_context();
+    if !fits(block) {
+        // A list word cannot hold an address above 2^48. jemalloc never
+        // hands one out on Linux (see `free_list`); if it ever did, task
+        // context returns the block, and signal context, which must not call
+        // jemalloc and has no list to put it on, keeps it (a leak, not a
+        // corruption).
+        if ctx != Context::Signal {
+            // SAFETY: our caller's block of `class`.
+            unsafe { backend::free_class(block, class) };
+        }
+        return;
+    }
+    match (header.path, ctx) {
+        (Path::Rseq, Context::Task) => {
+            // SAFETY: the table is live and on the rseq path; we own the
+            // block and it fits a list word.
+            let (done, cpu) = unsafe {
+                rseq::push(
+                    header.rseq_offset,
+                    table.cpus_base().wrapping_add(class * 16),
+                    header.ncpu,
+                    block,
+                    header.caps[class] as u32,
+                )
+            };
+            match done {
+                Done::Committed => {}
+                // SAFETY: the cache refused our block; it is still ours.
+                Done::Refused => unsafe { overflow(table, class, block, Some(cpu as usize)) },
+                // SAFETY: as above.
+                Done::NoCpu => unsafe { overflow(table, class, block, None) },
+            }
+        }
+        (Path::Rseq, Context::Signal) => {
+            // Signal context must not call jemalloc: with no CPU number,
+            // CPU 0's lists take the block.
+            let cpu = rseq::cpu_id(header.rseq_offset)
+                .filter(|&c| c < header.ncpu)
+                .unwrap_or(0) as usize;
+            // SAFETY: we own the block and it fits a list word.
+            let _ = unsafe { rules::free_signal(table, table.cpu(cpu), class, block) };
+        }
+        (Path::Fallback, _) | (_, Context::Other) => {
+            let cpu = fallback::current_cpu(header.ncpu);
+            let free = match (cpu, ctx) {
+                // SAFETY: we own the block and it fits a list word.
+                (Some(cpu), _) => unsafe { rules::free_locked(table, cpu, class, block, ctx) },
+                // SAFETY: as above.
+                (None, Context::Signal) => unsafe {
+                    rules::free_signal(table, table.cpu(0), class, block)
+                },
+                (None, _) => Free::Other,
+            };
+            if let Free::Overflow | Free::Other = free {
+                // SAFETY: the cache refused our block; it is still ours.
+                unsafe { overflow(table, class, block, cpu) };
+            }
+        }
+    }
+}
+
+// SAFETY: every method either returns null or memory that satisfies the
+// layout: cached blocks come from jemalloc as blocks of a class whose size
+// is at least the layout's and whose alignment is at least the layout's
+// (`class_of`), and each block is on at most one list or with one user at
+// a time (the rules). Nothing here unwinds.
+unsafe impl GlobalAlloc for PerCpuAlloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { self.alloc_impl(layout, false) }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { self.alloc_impl(layout, true) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(table) = self.table_if_made() {
+            if let Some(class) = class_of(layout.size(), layout.align(), table.header().max_size) {
+                // SAFETY: `ptr` was allocated with `layout` by this
+                // allocator, so it is a block of `class`.
+                return unsafe { give(table, class, ptr) };
+            }
+        }
+        // SAFETY: not a cacheable layout, so `alloc_impl` took it from
+        // jemalloc with this size and alignment.
+        unsafe { backend::free(ptr, layout.size().max(1), layout.align()) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new_layout = match Layout::from_size_align(new_size, layout.align()) {
+            Ok(l) => l,
+            Err(_) => return ptr::null_mut(),
+        };
+        let max = self.table_if_made().map_or(0, |t| t.header().max_size);
+        let old_class = class_of(layout.size(), layout.align(), max);
+        let new_class = class_of(new_size, layout.align(), max);
+        match (old_class, new_class) {
+            // The block already holds `new_size` bytes with this alignment.
+            (Some(a), Some(b)) if a == b => ptr,
+            // Both large: jemalloc grows or shrinks in place when it can.
+            // SAFETY: `ptr` came from `backend::alloc` with this alignment.
+            (None, None) => unsafe { backend::realloc(ptr, layout.align(), new_size.max(1)) },
+            _ => {
+                // SAFETY: `new_layout` is valid (checked above).
+                let new = unsafe { self.alloc(new_layout) };
+                if !new.is_null() {
+                    // SAFETY: both blocks hold at least the smaller size and
+                    // are distinct (the old one is still live).
+                    unsafe {
+                        ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                }
+                new
+            }
+        }
+    }
+}

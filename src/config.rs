@@ -1,0 +1,208 @@
+//! The knobs of the cache, settable in a `const` context so that a
+//! `#[global_allocator]` static can carry them.
+
+use crate::free_list::MAX_COUNT;
+use crate::size_class::{class_size, last_class_within, Class, MAX_CACHEABLE_SIZE, NUM_CLASSES};
+
+/// Configuration of a [`PerCpuAlloc`](crate::PerCpuAlloc).
+///
+/// Every setter is a `const fn`, so a configured allocator can still be a
+/// static:
+///
+/// ```
+/// use percpu_alloc::{Config, PerCpuAlloc};
+///
+/// static ALLOC: PerCpuAlloc = PerCpuAlloc::with_config(
+///     Config::new().splice_threshold(32).cap(128).max_cached_size(512),
+/// );
+/// # let _ = &ALLOC;
+/// ```
+///
+/// Values out of range are rejected when the constant is evaluated, so a bad
+/// static fails to compile rather than misbehave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    threshold: u32,
+    cap: u32,
+    max_cached_size: usize,
+    cpu_byte_budget: usize,
+    force_fallback: bool,
+}
+
+impl Config {
+    /// The kernel's `PCPU_CACHE_IRQ_THRESHOLD`.
+    pub const DEFAULT_THRESHOLD: u32 = 16;
+    /// The kernel's `max_nr`: blocks per class per CPU.
+    pub const DEFAULT_CAP: u32 = 256;
+    /// Requests up to this many bytes are cached by default.
+    pub const DEFAULT_MAX_CACHED_SIZE: usize = 1024;
+    /// What one CPU may cache at worst, over all classes (tcmalloc's
+    /// per-CPU default).
+    pub const DEFAULT_CPU_BYTE_BUDGET: usize = 1536 * 1024;
+    /// The largest cap a class can have: list lengths live in 15 bits.
+    pub const MAX_CAP: u32 = MAX_COUNT;
+
+    /// The defaults: threshold 16, cap 256, sizes up to 1 KiB cached,
+    /// 1.5 MiB per CPU at most, rseq where available.
+    pub const fn new() -> Self {
+        Config {
+            threshold: Self::DEFAULT_THRESHOLD,
+            cap: Self::DEFAULT_CAP,
+            max_cached_size: Self::DEFAULT_MAX_CACHED_SIZE,
+            cpu_byte_budget: Self::DEFAULT_CPU_BYTE_BUDGET,
+            force_fallback: false,
+        }
+    }
+
+    /// Splice the signal list onto an empty task list once it holds at least
+    /// `n` blocks.
+    ///
+    /// # Panics
+    /// If `n` is 0 or above [`Config::MAX_CAP`].
+    pub const fn splice_threshold(mut self, n: u32) -> Self {
+        assert!(
+            n >= 1 && n <= Self::MAX_CAP,
+            "splice threshold out of range"
+        );
+        self.threshold = n;
+        self
+    }
+
+    /// Cache at most `n` blocks of a class on one CPU, task and signal list
+    /// together. Large classes may get less, from the byte budget.
+    ///
+    /// # Panics
+    /// If `n` is above [`Config::MAX_CAP`].
+    pub const fn cap(mut self, n: u32) -> Self {
+        assert!(n <= Self::MAX_CAP, "cap out of range");
+        self.cap = n;
+        self
+    }
+
+    /// Cache requests of up to `bytes` (rounded down to a class size, at most
+    /// 14336, jemalloc's largest small class); larger ones go to jemalloc.
+    pub const fn max_cached_size(mut self, bytes: usize) -> Self {
+        self.max_cached_size = if bytes > MAX_CACHEABLE_SIZE {
+            MAX_CACHEABLE_SIZE
+        } else {
+            bytes
+        };
+        self
+    }
+
+    /// Bound what one CPU caches at worst to `bytes`, by lowering the caps of
+    /// large classes. The budget is shared evenly among the cached classes.
+    pub const fn cpu_byte_budget(mut self, bytes: usize) -> Self {
+        self.cpu_byte_budget = bytes;
+        self
+    }
+
+    /// Use the try-lock fallback even where rseq is available.
+    pub const fn force_fallback(mut self, yes: bool) -> Self {
+        self.force_fallback = yes;
+        self
+    }
+
+    /// The splice threshold.
+    pub const fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    /// The cap before the byte budget lowers it for large classes.
+    pub const fn base_cap(&self) -> u32 {
+        self.cap
+    }
+
+    /// The largest cached size, rounded down to a class size (0: none).
+    pub const fn cached_size_limit(&self) -> usize {
+        match last_class_within(self.max_cached_size) {
+            Some(class) => class_size(class),
+            None => 0,
+        }
+    }
+
+    /// The per-CPU byte budget.
+    pub const fn byte_budget(&self) -> usize {
+        self.cpu_byte_budget
+    }
+
+    /// Whether the fallback is forced.
+    pub const fn fallback_forced(&self) -> bool {
+        self.force_fallback
+    }
+
+    /// How many classes are cached.
+    pub const fn cached_classes(&self) -> usize {
+        match last_class_within(self.max_cached_size) {
+            Some(class) => class + 1,
+            None => 0,
+        }
+    }
+
+    /// The cap of `class` on one CPU: the base cap, lowered so that the
+    /// class's share of the byte budget holds; 0 for classes not cached.
+    pub const fn class_cap(&self, class: Class) -> u32 {
+        let classes = self.cached_classes();
+        if class >= classes {
+            return 0;
+        }
+        let share = self.cpu_byte_budget / classes;
+        let by_budget = share / class_size(class);
+        if by_budget < self.cap as usize {
+            by_budget as u32
+        } else {
+            self.cap
+        }
+    }
+
+    /// The most bytes one CPU can hold in its cache: the sum over classes of
+    /// cap x class size. At most the byte budget.
+    pub const fn cpu_bound_bytes(&self) -> usize {
+        let mut total = 0;
+        let mut class = 0;
+        while class < NUM_CLASSES {
+            total += self.class_cap(class) as usize * class_size(class);
+            class += 1;
+        }
+        total
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_bound_is_within_the_budget() {
+        let config = Config::new();
+        assert!(config.cpu_bound_bytes() <= Config::DEFAULT_CPU_BYTE_BUDGET);
+        assert_eq!(config.class_cap(0), 256);
+        assert_eq!(config.class_cap(12), 256); // 256-byte blocks
+        assert!(config.class_cap(20) < 256); // 1 KiB blocks are budgeted
+        assert_eq!(config.class_cap(21), 0); // 1280 bytes: not cached
+        assert_eq!(config.cached_size_limit(), 1024);
+    }
+
+    #[test]
+    fn a_small_budget_lowers_every_cap() {
+        let config = Config::new().cpu_byte_budget(64 * 1024);
+        assert!(config.cpu_bound_bytes() <= 64 * 1024);
+        assert!(config.class_cap(0) == 256 && config.class_cap(8) < 256);
+    }
+
+    #[test]
+    fn max_cached_size_rounds_down_to_a_class() {
+        assert_eq!(Config::new().max_cached_size(1000).cached_size_limit(), 896);
+        assert_eq!(
+            Config::new().max_cached_size(1 << 20).cached_size_limit(),
+            14336
+        );
+        assert_eq!(Config::new().max_cached_size(4).cached_classes(), 0);
+    }
+}

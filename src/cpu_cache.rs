@@ -1,0 +1,247 @@
+//! The per-CPU caches and the table that holds them.
+//!
+//! The table is one anonymous mapping made on first use: a header with the
+//! resolved configuration, then one [`CpuCache`] per possible CPU, each at a
+//! power-of-two stride so a restartable sequence finds its CPU's cache with
+//! a shift. Zeroed memory is a valid table of empty caches, and the pages of
+//! CPUs never used are never touched.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::config::Config;
+use crate::free_list::AtomicList;
+use crate::size_class::NUM_CLASSES;
+use crate::Path;
+
+/// Per CPU, per class: the task list and the signal list.
+///
+/// The two words sit side by side (16 bytes) because a task-list push
+/// reads both to check the cap; the rseq code relies on this layout.
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct ClassLists {
+    /// The task list (kernel: `free_list`, `nr`). Written only by its CPU's
+    /// owner: a restartable sequence on that CPU or the slot holder.
+    pub(crate) task: AtomicU64,
+    /// The signal list (kernel: `free_list_irq`, `nr_irq`).
+    pub(crate) sig: AtomicList,
+}
+
+/// One CPU's cache.
+#[repr(C, align(128))]
+pub(crate) struct CpuCache {
+    /// At offset 0, so a class's lists are at `class * 16`.
+    pub(crate) lists: [ClassLists; NUM_CLASSES],
+    /// The fallback path's try-lock.
+    pub(crate) slot: AtomicU32,
+    /// Blocks freed in signal context past the cap: jemalloc is not
+    /// async-signal-safe, so task context hands them back later.
+    pub(crate) deferred: AtomicList,
+}
+
+/// log2 of the distance between two CPUs' caches.
+pub(crate) const STRIDE_SHIFT: u32 = 10;
+const _: () = assert!(core::mem::size_of::<CpuCache>() <= 1 << STRIDE_SHIFT);
+const _: () = assert!(core::mem::size_of::<ClassLists>() == 16);
+
+/// Bytes before the first CPU's cache.
+const HEADER_SIZE: usize = 256;
+const _: () = assert!(core::mem::size_of::<Header>() <= HEADER_SIZE);
+
+/// Tables never cover more CPUs than this (Linux's `NR_CPUS` maximum);
+/// a larger CPU number is "other" context.
+pub(crate) const MAX_CPUS: usize = 8192;
+
+/// What the hot path needs, resolved once when the table is made.
+#[repr(C, align(64))]
+pub(crate) struct Header {
+    /// CPUs covered; a CPU number at or above it is "other" context.
+    pub(crate) ncpu: u32,
+    /// Splice threshold.
+    pub(crate) threshold: u32,
+    /// The largest cached size (a class size, or 0).
+    pub(crate) max_size: usize,
+    /// Offset of the thread's rseq area from the thread pointer.
+    pub(crate) rseq_offset: isize,
+    /// Which path is live.
+    pub(crate) path: Path,
+    /// Per-class caps, 0 for classes not cached.
+    pub(crate) caps: [u16; NUM_CLASSES],
+    /// Length of the mapping.
+    len: usize,
+}
+
+/// The mapped table. Only ever used through a shared reference: all of its
+/// mutable state is atomics.
+#[repr(transparent)]
+pub(crate) struct Table(Header);
+
+impl Table {
+    /// Maps and fills a new table. Returns null if the mapping fails.
+    pub(crate) fn create(config: &Config, path: Path, rseq_offset: isize) -> *mut Table {
+        let ncpu = possible_cpus();
+        let len = HEADER_SIZE + (ncpu << STRIDE_SHIFT);
+        // SAFETY: an anonymous private mapping asks nothing of its arguments.
+        let mem = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if mem == libc::MAP_FAILED {
+            return core::ptr::null_mut();
+        }
+        let mut caps = [0u16; NUM_CLASSES];
+        for (class, cap) in caps.iter_mut().enumerate() {
+            *cap = config.class_cap(class) as u16;
+        }
+        let header = Header {
+            ncpu: ncpu as u32,
+            threshold: config.threshold(),
+            max_size: config.cached_size_limit(),
+            rseq_offset,
+            path,
+            caps,
+            len,
+        };
+        // SAFETY: the mapping is fresh, page-aligned and longer than the
+        // header; the zeroed rest is a valid set of empty caches.
+        unsafe { (mem as *mut Header).write(header) };
+        mem as *mut Table
+    }
+
+    /// Unmaps a table.
+    ///
+    /// # Safety
+    /// `table` came from [`Table::create`] and nothing uses it any more.
+    pub(crate) unsafe fn destroy(table: *mut Table) {
+        // SAFETY: the caller's contract; `len` is what was mapped.
+        unsafe {
+            let len = (*table).0.len;
+            libc::munmap(table as *mut libc::c_void, len);
+        }
+    }
+
+    /// The resolved configuration.
+    #[inline]
+    pub(crate) fn header(&self) -> &Header {
+        &self.0
+    }
+
+    /// The cache of `cpu`, which must be below `header().ncpu`.
+    #[inline]
+    pub(crate) fn cpu(&self, cpu: usize) -> &CpuCache {
+        debug_assert!(cpu < self.0.ncpu as usize);
+        // SAFETY: the mapping covers `ncpu` caches after the header, and a
+        // zeroed or used `CpuCache` is always valid (atomics only).
+        unsafe { &*(self.cpus_base().add(cpu << STRIDE_SHIFT) as *const CpuCache) }
+    }
+
+    /// Address of CPU 0's cache; the rseq code adds `cpu << STRIDE_SHIFT`.
+    #[inline]
+    pub(crate) fn cpus_base(&self) -> *mut u8 {
+        (self as *const Table as *mut u8).wrapping_add(HEADER_SIZE)
+    }
+
+    /// The CPU numbers this table covers.
+    #[inline]
+    pub(crate) fn cpus(&self) -> core::ops::Range<usize> {
+        0..self.0.ncpu as usize
+    }
+}
+
+impl CpuCache {
+    /// Tries to take the slot. Never spins: a busy slot means someone on this
+    /// CPU is in the middle of an operation (or was interrupted in one).
+    #[inline]
+    pub(crate) fn try_lock(&self) -> bool {
+        self.slot
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Releases the slot taken by [`CpuCache::try_lock`].
+    #[inline]
+    pub(crate) fn unlock(&self) {
+        self.slot.store(0, Ordering::Release);
+    }
+}
+
+/// The number of possible CPUs (`nr_cpu_ids`), from sysfs, read with plain
+/// system calls into a stack buffer: this runs inside the first `alloc`,
+/// where glibc's helpers (which may allocate) must not be called.
+fn possible_cpus() -> usize {
+    const FALLBACK: usize = 1024;
+    let mut buf = [0u8; 512];
+    let path = b"/sys/devices/system/cpu/possible\0";
+    // SAFETY: `path` is NUL-terminated; `buf` is ours for `read`.
+    let n = unsafe {
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return FALLBACK;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    if n <= 0 {
+        return FALLBACK;
+    }
+    match highest_cpu(&buf[..n as usize]) {
+        Some(max) => (max + 1).min(MAX_CPUS),
+        None => FALLBACK,
+    }
+}
+
+/// The largest number in a CPU list such as `0-3,8-11\n`.
+fn highest_cpu(list: &[u8]) -> Option<usize> {
+    let mut max = None;
+    let mut current: Option<usize> = None;
+    for &b in list {
+        if b.is_ascii_digit() {
+            let digit = (b - b'0') as usize;
+            current = Some(
+                current
+                    .unwrap_or(0)
+                    .saturating_mul(10)
+                    .saturating_add(digit),
+            );
+        } else {
+            if let Some(n) = current.take() {
+                max = Some(max.map_or(n, |m: usize| m.max(n)));
+            }
+            if !matches!(b, b'-' | b',' | b'\n' | b' ') {
+                return None;
+            }
+        }
+    }
+    if let Some(n) = current {
+        max = Some(max.map_or(n, |m: usize| m.max(n)));
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(highest_cpu(b"0-15\n"), Some(15));
+        assert_eq!(highest_cpu(b"0\n"), Some(0));
+        assert_eq!(highest_cpu(b"0-3,8-11"), Some(11));
+        assert_eq!(highest_cpu(b"garbage"), None);
+        assert_eq!(highest_cpu(b""), None);
+    }
+
+    #[test]
+    fn this_machine_has_possible_cpus() {
+        // SAFETY: sched_getcpu has no preconditions.
+        let cpu = unsafe { libc::sched_getcpu() };
+        assert!(possible_cpus() > cpu as usize);
+    }
+}

@@ -1,0 +1,69 @@
+//! A per-CPU object cache in front of jemalloc, as a Rust global allocator.
+//!
+//! [`PerCpuAlloc`] keeps, per CPU and per size class, a *task list* of
+//! blocks freed by ordinary thread code and a *signal list* of blocks freed
+//! inside signal handlers, with the rules of a Linux kernel per-CPU cache:
+//! an alloc pops the task list; when that is empty and the signal list
+//! holds at least the *splice threshold* (16), the whole signal list
+//! becomes the task list in O(1); a free past the *cap* (256 blocks of a
+//! class on a CPU) goes back to jemalloc. Misses, overflows and large
+//! requests go to jemalloc.
+//!
+//! Each CPU's task lists are its own by Linux restartable sequences (rseq)
+//! where glibc registered them, by a try-lock elsewhere ([`Path`]).
+//!
+//! ```
+//! use percpu_alloc::PerCpuAlloc;
+//!
+//! #[global_allocator]
+//! static ALLOC: PerCpuAlloc = PerCpuAlloc::new();
+//!
+//! fn main() {
+//!     let words: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+//!     assert_eq!(words.len(), 100);
+//! }
+//! ```
+//!
+//! With the cargo feature `global`, this crate installs a default
+//! `PerCpuAlloc` as the global allocator itself ([`GLOBAL`]).
+//!
+//! Signal handlers that free memory mark their scope with
+//! [`enter_signal_context`] or are installed with
+//! [`install_signal_handler`]; their frees then never call into jemalloc.
+//!
+//! Layout of the crate: `rules` (the rules engine), `size_class`,
+//! `free_list` (lists in one word), `cpu_cache` (the per-CPU table), `rseq`
+//! and `fallback` (per-CPU exclusion), `context` (task, signal, other),
+//! `backend` (jemalloc), `drain` (trim and teardown), `stats`.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod allocator;
+mod backend;
+mod config;
+mod context;
+mod cpu_cache;
+mod drain;
+mod fallback;
+mod free_list;
+mod rseq;
+mod rules;
+mod size_class;
+mod stats;
+
+pub use allocator::PerCpuAlloc;
+pub use config::Config;
+pub use context::{
+    current_context, enter_signal_context, install_signal_handler, Context, SignalGuard,
+    SignalHandler,
+};
+pub use size_class::{CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_CLASSES};
+pub use stats::{ListCounts, Path, Snapshot, TrimReport};
+
+/// The global allocator installed by the `global` feature: a default
+/// [`PerCpuAlloc`]. Use it to read stats or trim:
+/// `percpu_alloc::GLOBAL.trim()`.
+#[cfg(feature = "global")]
+#[global_allocator]
+pub static GLOBAL: PerCpuAlloc = PerCpuAlloc::new();
