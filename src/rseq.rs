@@ -48,10 +48,7 @@ mod imp {
         if size == 0 {
             return None;
         }
-        match cpu_id(offset) {
-            Some(_) => Some(offset),
-            None => None,
-        }
+        cpu_id(offset).map(|_| offset)
     }
 
     /// The CPU this thread runs on now, from `cpu_id`; `None` when the area

@@ -223,6 +223,8 @@ mod tests {
     /// rules run without jemalloc, the global allocator, or the real CPU.
     struct Rig {
         table: *mut Table,
+        // Boxed so blocks keep their addresses while the Vec grows.
+        #[allow(clippy::vec_box)]
         pool: Vec<Box<[u64; 4]>>,
         handed_out: HashSet<usize>,
     }
