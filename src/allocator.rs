@@ -11,7 +11,7 @@ use crate::context::{current_context, Context};
 use crate::cpu_cache::Table;
 use crate::drain;
 use crate::fallback;
-use crate::free_list::{fits, head};
+use crate::free_list::fits;
 use crate::rseq::{self, Done};
 use crate::rules::{self, Alloc, Free};
 use crate::size_class::{class_of, Class};
@@ -229,17 +229,37 @@ impl PerCpuAlloc {
     #[inline(always)]
     unsafe fn alloc_impl(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         if let Some(table) = self.table() {
-            if let Some(class) = class_of(layout.size(), layout.align(), table.header().max_size) {
-                let (block, cpu) = take(table, class);
-                if !block.is_null() {
-                    if zeroed {
-                        // SAFETY: a cached block of this class holds at
-                        // least `layout.size()` bytes.
-                        unsafe { ptr::write_bytes(block, 0, layout.size()) };
+            let header = table.header();
+            if let Some(class) = class_of(layout.size(), layout.align(), header.max_size) {
+                let block = match header.path {
+                    Path::Rseq => {
+                        // SAFETY: the table is live and on the rseq path.
+                        let (block, cpu) = unsafe {
+                            rseq::pop(
+                                header.rseq_offset,
+                                table.cpus_base().wrapping_add(class * 16),
+                                header.ncpu,
+                            )
+                        };
+                        if block.is_null() {
+                            return alloc_slow_rseq(table, class, cpu, zeroed);
+                        }
+                        block
                     }
-                    return block;
+                    Path::Fallback => {
+                        let (block, cpu) = take_locked(table, class);
+                        if block.is_null() {
+                            return miss(table, class, cpu, zeroed);
+                        }
+                        block
+                    }
+                };
+                if zeroed {
+                    // SAFETY: a cached block of this class holds at least
+                    // `layout.size()` bytes.
+                    unsafe { ptr::write_bytes(block, 0, layout.size()) };
                 }
-                return miss(table, class, cpu, zeroed);
+                return block;
             }
         }
         backend::alloc(layout.size().max(1), layout.align(), zeroed)
@@ -268,40 +288,65 @@ impl Drop for PerCpuAlloc {
 
 /// Takes a cached block of `class` on the current CPU: a hit, or a splice.
 /// Returns null on a miss, with the CPU looked at (if any).
-#[inline(always)]
+#[inline]
 fn take(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
     let header = table.header();
     match header.path {
         Path::Rseq => {
             // SAFETY: the table is live and on the rseq path.
-            let (word, cpu) = unsafe {
+            let (block, cpu) = unsafe {
                 rseq::pop(
                     header.rseq_offset,
                     table.cpus_base().wrapping_add(class * 16),
                     header.ncpu,
                 )
             };
-            if word != 0 {
-                return (head(word), Some(cpu as usize));
+            if !block.is_null() {
+                return (block, Some(cpu as usize));
             }
-            if cpu == u32::MAX {
-                return (ptr::null_mut(), None);
-            }
-            match rules::splice_rseq(table, cpu as usize, class) {
-                Alloc::Spliced(block) => (block, Some(cpu as usize)),
-                _ => (ptr::null_mut(), Some(cpu as usize)),
-            }
+            splice_rseq(table, class, cpu)
         }
-        Path::Fallback => {
-            let cpu = match fallback::current_cpu(header.ncpu) {
-                Some(cpu) => cpu,
-                None => return (ptr::null_mut(), None),
-            };
-            match rules::alloc_locked(table, cpu, class) {
-                Alloc::Hit(block) | Alloc::Spliced(block) => (block, Some(cpu)),
-                Alloc::Miss | Alloc::Busy => (ptr::null_mut(), Some(cpu)),
+        Path::Fallback => take_locked(table, class),
+    }
+}
+
+/// The rseq path found the task list empty (or had no CPU): splice or miss.
+#[cold]
+#[inline(never)]
+fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
+    match splice_rseq(table, class, cpu) {
+        (block, _) if !block.is_null() => {
+            if zeroed {
+                // SAFETY: a cached block of this class; zeroing all of it
+                // covers any layout it serves.
+                unsafe { ptr::write_bytes(block, 0, crate::size_class::class_size(class)) };
             }
+            block
         }
+        (_, cpu) => miss(table, class, cpu, zeroed),
+    }
+}
+
+fn splice_rseq(table: &Table, class: Class, cpu: u32) -> (*mut u8, Option<usize>) {
+    if cpu == u32::MAX {
+        return (ptr::null_mut(), None);
+    }
+    match rules::splice_rseq(table, cpu as usize, class) {
+        Alloc::Spliced(block) => (block, Some(cpu as usize)),
+        _ => (ptr::null_mut(), Some(cpu as usize)),
+    }
+}
+
+/// The fallback path: pop (or splice) under the CPU's slot.
+#[inline]
+fn take_locked(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
+    let cpu = match fallback::current_cpu(table.header().ncpu) {
+        Some(cpu) => cpu,
+        None => return (ptr::null_mut(), None),
+    };
+    match rules::alloc_locked(table, cpu, class) {
+        Alloc::Hit(block) | Alloc::Spliced(block) => (block, Some(cpu)),
+        Alloc::Miss | Alloc::Busy => (ptr::null_mut(), Some(cpu)),
     }
 }
 

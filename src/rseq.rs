@@ -88,17 +88,16 @@ mod imp {
     /// Pops the head of the task list of the current CPU's `lists` (class
     /// lists of CPU 0; CPU n's are `n << 10` bytes on).
     ///
-    /// Returns the old list word (its head is the popped block) and the CPU,
-    /// or word 0 when the list is empty or draining, or CPU `u32::MAX` when
-    /// there is no usable CPU.
+    /// Returns the popped block and the CPU, or a null block when the list
+    /// is empty or draining, or CPU `u32::MAX` when there is no usable CPU.
     ///
     /// # Safety
     /// `offset` is `__rseq_offset`; `lists` and `ncpu` describe a live table
     /// whose task lists on each CPU are changed only by these sections (or
     /// by a drain that follows the drain-bit protocol).
     #[inline(always)]
-    pub(crate) unsafe fn pop(offset: isize, lists: *mut u8, ncpu: u32) -> (u64, u32) {
-        let word: u64;
+    pub(crate) unsafe fn pop(offset: isize, lists: *mut u8, ncpu: u32) -> (*mut u8, u32) {
+        let block: *mut u8;
         let cpu: u64;
         // SAFETY: see the function's contract. The only memory written is
         // the rseq area's rseq_cs field and the task list word; the block
@@ -113,8 +112,8 @@ mod imp {
                 ".quad 4f, (5f - 4f), 6f",
                 ".popsection",
                 "2:",
-                "lea {w}, [rip + 3b]",
-                "mov qword ptr fs:[{off} + 8], {w}",
+                "lea {p}, [rip + 3b]",
+                "mov qword ptr fs:[{off} + 8], {p}",
                 "4:",
                 "mov {cpu}, qword ptr fs:[{off}]",
                 "test {cpu}, {cpu}",
@@ -125,14 +124,12 @@ mod imp {
                 "mov {addr}, {cpu}",
                 "shl {addr}, 10",
                 "add {addr}, {lists}",
-                "mov {w}, qword ptr [{addr}]",
+                "mov {p}, qword ptr [{addr}]",
                 // Zero is empty; a set drain bit makes the word negative.
-                "test {w}, {w}",
+                "test {p}, {p}",
                 "jle 8f",
-                "mov {next}, {w}",
-                "shl {next}, 16",
-                "shr {next}, 16",
-                "mov {next}, qword ptr [{next}]",
+                "and {p}, {mask}",
+                "mov {next}, qword ptr [{p}]",
                 "mov qword ptr [{addr}], {next}",
                 "5:",
                 "jmp 9f",
@@ -143,19 +140,20 @@ mod imp {
                 "7:",
                 "mov {cpu:e}, -1",
                 "8:",
-                "xor {w:e}, {w:e}",
+                "xor {p:e}, {p:e}",
                 "9:",
                 off = in(reg) offset,
                 lists = in(reg) lists,
                 ncpu = in(reg) ncpu,
-                w = out(reg) word,
+                mask = in(reg) crate::free_list::PTR_MASK,
+                p = out(reg) block,
                 cpu = out(reg) cpu,
                 addr = out(reg) _,
                 next = out(reg) _,
                 options(nostack),
             );
         }
-        (word, cpu as u32)
+        (block, cpu as u32)
     }
 
     /// Pushes `block` on the task list of the current CPU's `lists`, unless
@@ -210,9 +208,9 @@ mod imp {
                 "cmp {n}, {cap}",
                 "jae 8f",
                 "mov qword ptr [{block}], {w}",
-                "add {t}, 1",
+                // The new word: the old count, plus one, plus the block.
                 "shl {t}, 48",
-                "or {t}, {block}",
+                "add {t}, {block1}",
                 "mov qword ptr [{addr}], {t}",
                 "5:",
                 "xor {n:e}, {n:e}",
@@ -230,6 +228,7 @@ mod imp {
                 lists = in(reg) lists,
                 ncpu = in(reg) ncpu,
                 block = in(reg) block,
+                block1 = in(reg) block as u64 + (1 << crate::free_list::COUNT_SHIFT),
                 cap = in(reg) cap as u64,
                 n = out(reg) status,
                 cpu = out(reg) cpu,
@@ -343,8 +342,8 @@ mod imp {
         None
     }
 
-    pub(crate) unsafe fn pop(_offset: isize, _lists: *mut u8, _ncpu: u32) -> (u64, u32) {
-        (0, u32::MAX)
+    pub(crate) unsafe fn pop(_offset: isize, _lists: *mut u8, _ncpu: u32) -> (*mut u8, u32) {
+        (core::ptr::null_mut(), u32::MAX)
     }
 
     pub(crate) unsafe fn push(

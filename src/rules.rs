@@ -62,6 +62,7 @@ pub(crate) enum Free {
 }
 
 /// Alloc on `cpu`'s cache under its slot (fallback path).
+#[inline]
 pub(crate) fn alloc_locked(table: &Table, cpu: usize, class: Class) -> Alloc {
     let cache = table.cpu(cpu);
     if !cache.try_lock() {
@@ -94,6 +95,7 @@ pub(crate) fn alloc_locked(table: &Table, cpu: usize, class: Class) -> Alloc {
 /// # Safety
 /// The caller owns `block`, a block of `class` whose address fits a list
 /// word, and gives it up unless the result is `Overflow` or `Other`.
+#[inline]
 pub(crate) unsafe fn free_locked(
     table: &Table,
     cpu: usize,
