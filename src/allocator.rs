@@ -235,11 +235,8 @@ impl PerCpuAlloc {
                     Path::Rseq => {
                         // SAFETY: the table is live and on the rseq path.
                         let (block, cpu) = unsafe {
-                            rseq::pop(
-                                header.rseq_offset,
-                                table.cpus_base().wrapping_add(class * 16),
-                                header.ncpu,
-                            )
+                            let (lists, fronts) = table.class_base(class);
+                            rseq::pop(header.rseq_offset, lists, fronts, header.ncpu)
                         };
                         if block.is_null() {
                             return alloc_slow_rseq(table, class, cpu, zeroed);
@@ -295,11 +292,8 @@ fn take(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
         Path::Rseq => {
             // SAFETY: the table is live and on the rseq path.
             let (block, cpu) = unsafe {
-                rseq::pop(
-                    header.rseq_offset,
-                    table.cpus_base().wrapping_add(class * 16),
-                    header.ncpu,
-                )
+                let (lists, fronts) = table.class_base(class);
+                rseq::pop(header.rseq_offset, lists, fronts, header.ncpu)
             };
             if !block.is_null() {
                 return (block, Some(cpu as usize));
@@ -411,9 +405,11 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
             // SAFETY: the table is live and on the rseq path; we own the
             // block and it fits a list word.
             let (done, cpu) = unsafe {
+                let (lists, fronts) = table.class_base(class);
                 rseq::push(
                     header.rseq_offset,
-                    table.cpus_base().wrapping_add(class * 16),
+                    lists,
+                    fronts,
                     header.ncpu,
                     block,
                     header.caps[class] as u32,
@@ -461,19 +457,19 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
 // (`class_of`), and each block is on at most one list or with one user at
 // a time (the rules). Nothing here unwinds.
 unsafe impl GlobalAlloc for PerCpuAlloc {
-    #[inline]
+    #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded contract.
         unsafe { self.alloc_impl(layout, false) }
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded contract.
         unsafe { self.alloc_impl(layout, true) }
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if let Some(table) = self.table_if_made() {
             if let Some(class) = class_of(layout.size(), layout.align(), table.header().max_size) {

@@ -1,7 +1,7 @@
 //! The knobs of the cache, settable in a `const` context so that a
 //! `#[global_allocator]` static can carry them.
 
-use crate::free_list::MAX_COUNT;
+use crate::free_list::MAX_TASK_LIST;
 use crate::size_class::{class_size, last_class_within, Class, MAX_CACHEABLE_SIZE, NUM_CLASSES};
 
 /// Configuration of a [`PerCpuAlloc`](crate::PerCpuAlloc).
@@ -39,8 +39,9 @@ impl Config {
     /// What one CPU may cache at worst, over all classes (tcmalloc's
     /// per-CPU default).
     pub const DEFAULT_CPU_BYTE_BUDGET: usize = 1536 * 1024;
-    /// The largest cap a class can have: list lengths live in 15 bits.
-    pub const MAX_CAP: u32 = MAX_COUNT;
+    /// The largest cap a class can have: task list lengths live in 12 bits
+    /// and must hold a spliced signal list, which can pass the cap by one.
+    pub const MAX_CAP: u32 = 4000;
 
     /// The defaults: threshold 16, cap 256, sizes up to 1 KiB cached,
     /// 1.5 MiB per CPU at most, rseq where available.
@@ -167,6 +168,9 @@ impl Config {
         total
     }
 }
+
+// A spliced signal list may hold cap + 1 blocks.
+const _: () = assert!(Config::MAX_CAP < MAX_TASK_LIST);
 
 impl Default for Config {
     fn default() -> Self {

@@ -9,7 +9,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::config::Config;
-use crate::free_list::AtomicList;
+use crate::free_list::{AtomicList, FRONT_SLOTS};
 use crate::size_class::NUM_CLASSES;
 use crate::Path;
 
@@ -37,12 +37,23 @@ pub(crate) struct CpuCache {
     /// Blocks freed in signal context past the cap: jemalloc is not
     /// async-signal-safe, so task context hands them back later.
     pub(crate) deferred: AtomicList,
+    /// The rseq path's front slots: the top of each task list, up to
+    /// [`FRONT_SLOTS`] blocks held by address beside the list word, whose
+    /// bits 60..63 count them. A pop from a slot needs no read of the block,
+    /// so an alloc that follows a free does not wait for the free's link to
+    /// come back from memory. At [`FRONT_OFFSET`], 64 bytes per class.
+    pub(crate) fronts: [[AtomicU64; 8]; NUM_CLASSES],
 }
 
+/// Where the front slots start in a [`CpuCache`]; the rseq code adds
+/// `class * 64`.
+pub(crate) const FRONT_OFFSET: usize = core::mem::offset_of!(CpuCache, fronts);
+
 /// log2 of the distance between two CPUs' caches.
-pub(crate) const STRIDE_SHIFT: u32 = 10;
+pub(crate) const STRIDE_SHIFT: u32 = 12;
 const _: () = assert!(core::mem::size_of::<CpuCache>() <= 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::size_of::<ClassLists>() == 16);
+const _: () = assert!(FRONT_SLOTS < 8);
 
 /// Bytes before the first CPU's cache.
 const HEADER_SIZE: usize = 256;
@@ -145,6 +156,17 @@ impl Table {
     #[inline]
     pub(crate) fn cpus_base(&self) -> *mut u8 {
         (self as *const Table as *mut u8).wrapping_add(HEADER_SIZE)
+    }
+
+    /// The task list word and the front slots of `class` on CPU 0, as the
+    /// rseq sections take them (they add the CPU's offset).
+    #[inline]
+    pub(crate) fn class_base(&self, class: usize) -> (*mut u8, *mut u8) {
+        let base = self.cpus_base();
+        (
+            base.wrapping_add(class * 16),
+            base.wrapping_add(FRONT_OFFSET + class * 64),
+        )
     }
 
     /// The CPU numbers this table covers.

@@ -15,8 +15,8 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::backend;
-use crate::cpu_cache::Table;
-use crate::free_list::{Chain, DRAIN_BIT};
+use crate::cpu_cache::{CpuCache, Table};
+use crate::free_list::{front_len, Chain, DRAIN_BIT};
 use crate::size_class::{class_size, NUM_CLASSES};
 use crate::stats::TrimReport;
 use crate::Path;
@@ -69,7 +69,7 @@ pub(crate) unsafe fn teardown(table: &Table) -> TrimReport {
             let word = lists.task.swap(0, Ordering::Acquire);
             // SAFETY: no section or slot holder can be running (our caller's
             // contract), so the list is ours.
-            free_chain(unsafe { Chain::new(word) }, class, &mut report);
+            unsafe { free_task_list(cache, class, word, &mut report) };
         }
         if cache.slot.load(Ordering::Relaxed) != 0 {
             cache.unlock();
@@ -80,6 +80,25 @@ pub(crate) unsafe fn teardown(table: &Table) -> TrimReport {
     report.bytes += rest.bytes;
     report.deferred_blocks += rest.deferred_blocks;
     report
+}
+
+/// Frees a task list taken off its CPU: its front slots and its linked
+/// part.
+///
+/// # Safety
+/// `word` was the task list of `class` on `cache`, and its owner gave it up
+/// (the word is no longer installed), so its slots and blocks are ours.
+unsafe fn free_task_list(cache: &CpuCache, class: usize, word: u64, report: &mut TrimReport) {
+    for slot in &cache.fronts[class][..front_len(word) as usize] {
+        let block = slot.load(Ordering::Relaxed) as *mut u8;
+        report.blocks += 1;
+        report.bytes += class_size(class);
+        // SAFETY: the slots below the front count hold live blocks of
+        // `class`, given up with the word.
+        unsafe { backend::free_class(block, class) };
+    }
+    // SAFETY: as above, for the linked part.
+    free_chain(unsafe { Chain::new(word) }, class, report);
 }
 
 fn free_chain(chain: Chain, class: usize, report: &mut TrimReport) {
@@ -111,7 +130,7 @@ fn take_task_lists_locked(table: &Table, cpu: usize, report: &mut TrimReport) ->
     cache.unlock();
     for (class, word) in words.into_iter().enumerate() {
         // SAFETY: taken under the slot.
-        free_chain(unsafe { Chain::new(word) }, class, report);
+        unsafe { free_task_list(cache, class, word, report) };
     }
     true
 }
@@ -157,7 +176,7 @@ fn take_task_lists_rseq(table: &Table, cpu: usize, report: &mut TrimReport) -> b
             }
         };
         // SAFETY: won by the protocol in the module comment.
-        free_chain(unsafe { Chain::new(word) }, class, report);
+        unsafe { free_task_list(cache, class, word, report) };
     }
     true
 }

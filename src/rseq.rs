@@ -8,6 +8,11 @@
 //! handler, which starts the sequence over. So no atomics and no locks, and a
 //! signal handler can never see a half-done operation.
 //!
+//! On this path the top of each task list is kept in up to seven front
+//! slots beside the list word (see [`crate::cpu_cache::CpuCache::fronts`]):
+//! popping a slot needs no read of the block, so a free followed by an
+//! alloc of the same class is not held up by the link the free just wrote.
+//!
 //! The sections make no calls and no system calls, and touch only the rseq
 //! area, the cache table and the block being pushed or popped.
 //!
@@ -80,29 +85,41 @@ mod imp {
     //      handler comes back here because the kernel clears rseq_cs;
     //   4: read cpu_id_start and cpu_id in one load; a negative cpu_id means
     //      the area is not registered, and a CPU beyond the table is "other";
-    //   5: the end of the section, right after the committing store;
+    //   13: the one committing store, the last instruction of the section
+    //      (every branch that commits meets there);
+    //   5: the end of the section;
     //   6: the abort handler, after glibc's signature 0x53053053 (encoded as
     //      the operand of a `ud1` that is never executed).
-    // Labels start at 2: x86 assemblers read 0 and 1 as binary.
+    // Labels start at 2 and skip 10 and 11: x86 assemblers read labels of
+    // only 0s and 1s as binary. The CPU's cache is `cpu << 12` bytes past
+    // CPU 0's (STRIDE_SHIFT).
+    //
+    // A task list word is [drain:1][front:3][list length:12][head:48].
 
-    /// Pops the head of the task list of the current CPU's `lists` (class
-    /// lists of CPU 0; CPU n's are `n << 10` bytes on).
+    /// Pops a block from the task list of the current CPU: the last front
+    /// slot if any, else the head of the linked part. `lists` and `fronts`
+    /// are the class's task list word and front slots on CPU 0.
     ///
-    /// Returns the popped block and the CPU, or a null block when the list
-    /// is empty or draining, or CPU `u32::MAX` when there is no usable CPU.
+    /// Returns the block and the CPU; a null block when the list is empty or
+    /// draining; CPU `u32::MAX` when there is no usable CPU.
     ///
     /// # Safety
-    /// `offset` is `__rseq_offset`; `lists` and `ncpu` describe a live table
-    /// whose task lists on each CPU are changed only by these sections (or
+    /// `offset` is `__rseq_offset`; `lists`, `fronts` and `ncpu` describe a
+    /// live table whose task lists are changed only by these sections (or
     /// by a drain that follows the drain-bit protocol).
     #[inline(always)]
-    pub(crate) unsafe fn pop(offset: isize, lists: *mut u8, ncpu: u32) -> (*mut u8, u32) {
+    pub(crate) unsafe fn pop(
+        offset: isize,
+        lists: *mut u8,
+        fronts: *mut u8,
+        ncpu: u32,
+    ) -> (*mut u8, u32) {
         let block: *mut u8;
         let cpu: u64;
         // SAFETY: see the function's contract. The only memory written is
-        // the rseq area's rseq_cs field and the task list word; the block
-        // read is the list's head, which this CPU's list owns until the
-        // commit hands it to us.
+        // the rseq area's rseq_cs field and the task list word. The block or
+        // slot read belongs to this CPU's list until the commit hands it to
+        // us; the prefetch cannot fault.
         unsafe {
             asm!(
                 ".pushsection __rseq_cs, \"aw\"",
@@ -122,15 +139,32 @@ mod imp {
                 "cmp {cpu:e}, {ncpu:e}",
                 "jae 7f",
                 "mov {addr}, {cpu}",
-                "shl {addr}, 10",
-                "add {addr}, {lists}",
-                "mov {p}, qword ptr [{addr}]",
+                "shl {addr}, 12",
+                "mov {w}, qword ptr [{lists} + {addr}]",
                 // Zero is empty; a set drain bit makes the word negative.
-                "test {p}, {p}",
+                "test {w}, {w}",
                 "jle 8f",
+                "mov {p}, {w}",
+                "shr {p}, 60",
+                "jz 12f",
+                // Front slot `front - 1`; the word only loses one from its
+                // front count.
+                "lea {t}, [{fronts} + {addr}]",
+                "mov {p}, qword ptr [{t} + {p} * 8 - 8]",
+                "mov {t}, 0x1000000000000000",
+                "sub {w}, {t}",
+                "jmp 13f",
+                "12:",
+                // The linked part's head; its link is the new word. Warm the
+                // next head for the next pop.
+                "mov {p}, {w}",
                 "and {p}, {mask}",
-                "mov {next}, qword ptr [{p}]",
-                "mov qword ptr [{addr}], {next}",
+                "mov {w}, qword ptr [{p}]",
+                "mov {t}, {w}",
+                "and {t}, {mask}",
+                "prefetcht0 byte ptr [{t}]",
+                "13:",
+                "mov qword ptr [{lists} + {addr}], {w}",
                 "5:",
                 "jmp 9f",
                 ".byte 0x0f, 0xb9, 0x3d",
@@ -144,21 +178,24 @@ mod imp {
                 "9:",
                 off = in(reg) offset,
                 lists = in(reg) lists,
+                fronts = in(reg) fronts,
                 ncpu = in(reg) ncpu,
                 mask = in(reg) crate::free_list::PTR_MASK,
                 p = out(reg) block,
                 cpu = out(reg) cpu,
                 addr = out(reg) _,
-                next = out(reg) _,
+                w = out(reg) _,
+                t = out(reg) _,
                 options(nostack),
             );
         }
         (block, cpu as u32)
     }
 
-    /// Pushes `block` on the task list of the current CPU's `lists`, unless
-    /// that list and its signal list together hold `cap` blocks already.
-    /// Returns what happened and the CPU (`u32::MAX` for [`Done::NoCpu`]).
+    /// Pushes `block` on the task list of the current CPU, into a free front
+    /// slot if there is one, else onto the linked part, unless the task list
+    /// and the signal list together hold `cap` blocks already. Returns what
+    /// happened and the CPU (`u32::MAX` for [`Done::NoCpu`]).
     ///
     /// # Safety
     /// As [`pop`]; and the caller owns `block`, a cache block whose address
@@ -167,6 +204,7 @@ mod imp {
     pub(crate) unsafe fn push(
         offset: isize,
         lists: *mut u8,
+        fronts: *mut u8,
         ncpu: u32,
         block: *mut u8,
         cap: u32,
@@ -174,8 +212,8 @@ mod imp {
         let status: u64;
         let cpu: u64;
         // SAFETY: see the function's contract. Besides rseq_cs and the task
-        // list word, only the block's link is written, and the block is ours
-        // until the commit.
+        // list word, only the block's link or the first free front slot is
+        // written, neither part of any list until the commit.
         unsafe {
             asm!(
                 ".pushsection __rseq_cs, \"aw\"",
@@ -185,8 +223,8 @@ mod imp {
                 ".quad 4f, (5f - 4f), 6f",
                 ".popsection",
                 "2:",
-                "lea {w}, [rip + 3b]",
-                "mov qword ptr fs:[{off} + 8], {w}",
+                "lea {t}, [rip + 3b]",
+                "mov qword ptr fs:[{off} + 8], {t}",
                 "4:",
                 "mov {cpu}, qword ptr fs:[{off}]",
                 "test {cpu}, {cpu}",
@@ -195,23 +233,44 @@ mod imp {
                 "cmp {cpu:e}, {ncpu:e}",
                 "jae 7f",
                 "mov {addr}, {cpu}",
-                "shl {addr}, 10",
-                "add {addr}, {lists}",
-                "mov {w}, qword ptr [{addr}]",
-                // nr + nr_sig, from the two words' top bits; the drain bit
-                // makes nr look larger than any cap.
-                "mov {n}, qword ptr [{addr} + 8]",
+                "shl {addr}, 12",
+                "mov {w}, qword ptr [{lists} + {addr}]",
+                "test {w}, {w}",
+                "js 8f",
+                // nr + nr_sig against the cap.
+                "mov {n}, qword ptr [{lists} + {addr} + 8]",
                 "shr {n}, 48",
                 "mov {t}, {w}",
                 "shr {t}, 48",
+                "mov {u}, {t}",
+                "shr {u}, 12",
+                "and {t}, 0xfff",
                 "add {n}, {t}",
+                "add {n}, {u}",
                 "cmp {n}, {cap}",
                 "jae 8f",
-                "mov qword ptr [{block}], {w}",
-                // The new word: the old count, plus one, plus the block.
+                "cmp {u}, 7",
+                "jae 12f",
+                // Into front slot `front`.
+                "lea {t}, [{fronts} + {addr}]",
+                "mov qword ptr [{t} + {u} * 8], {block}",
+                "mov {t}, 0x1000000000000000",
+                "add {t}, {w}",
+                "jmp 13f",
+                "12:",
+                // Onto the linked part: the link is the word without its
+                // front count; the new word keeps the front count.
+                "mov {t}, {w}",
+                "shl {t}, 4",
+                "shr {t}, 4",
+                "mov qword ptr [{block}], {t}",
+                "mov {t}, {w}",
+                "shr {t}, 48",
+                "add {t}, 1",
                 "shl {t}, 48",
-                "add {t}, {block1}",
-                "mov qword ptr [{addr}], {t}",
+                "or {t}, {block}",
+                "13:",
+                "mov qword ptr [{lists} + {addr}], {t}",
                 "5:",
                 "xor {n:e}, {n:e}",
                 "jmp 9f",
@@ -226,14 +285,15 @@ mod imp {
                 "9:",
                 off = in(reg) offset,
                 lists = in(reg) lists,
+                fronts = in(reg) fronts,
                 ncpu = in(reg) ncpu,
                 block = in(reg) block,
-                block1 = in(reg) block as u64 + (1 << crate::free_list::COUNT_SHIFT),
                 cap = in(reg) cap as u64,
                 n = out(reg) status,
                 cpu = out(reg) cpu,
                 w = out(reg) _,
                 t = out(reg) _,
+                u = out(reg) _,
                 addr = out(reg) _,
                 options(nostack),
             );
@@ -247,9 +307,9 @@ mod imp {
         (done, cpu)
     }
 
-    /// Installs the list `word` as the task list of the current CPU's
-    /// `lists` if that task list is empty and the CPU's signal list plus the
-    /// new list stay within `cap`. Used to finish a splice.
+    /// Installs the list `word` as the task list of the current CPU if that
+    /// task list is empty (no front slots, no linked part) and the CPU's
+    /// signal list plus the new list stay within `cap`. Finishes a splice.
     ///
     /// # Safety
     /// As [`pop`]; and the caller owns every block of `word`, and gives them
@@ -286,7 +346,7 @@ mod imp {
                 "cmp {cpu:e}, {ncpu:e}",
                 "jae 7f",
                 "mov {addr}, {cpu}",
-                "shl {addr}, 10",
+                "shl {addr}, 12",
                 "add {addr}, {lists}",
                 "cmp qword ptr [{addr}], 0",
                 "jne 8f",
@@ -295,6 +355,7 @@ mod imp {
                 "add {n}, {k}",
                 "cmp {n}, {cap}",
                 "ja 8f",
+                "13:",
                 "mov qword ptr [{addr}], {word}",
                 "5:",
                 "xor {n:e}, {n:e}",
@@ -342,13 +403,19 @@ mod imp {
         None
     }
 
-    pub(crate) unsafe fn pop(_offset: isize, _lists: *mut u8, _ncpu: u32) -> (*mut u8, u32) {
+    pub(crate) unsafe fn pop(
+        _offset: isize,
+        _lists: *mut u8,
+        _fronts: *mut u8,
+        _ncpu: u32,
+    ) -> (*mut u8, u32) {
         (core::ptr::null_mut(), u32::MAX)
     }
 
     pub(crate) unsafe fn push(
         _offset: isize,
         _lists: *mut u8,
+        _fronts: *mut u8,
         _ncpu: u32,
         _block: *mut u8,
         _cap: u32,
@@ -368,3 +435,140 @@ mod imp {
 }
 
 pub(crate) use imp::{cpu_id, install, pop, push, registered};
+
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::cpu_cache::Table;
+    use crate::free_list::{front_len, list_len, task_len};
+    use crate::{backend, drain, Path};
+    use core::sync::atomic::Ordering;
+
+    /// A table on the rseq path with this thread pinned to its CPU, or
+    /// `None` where glibc did not register rseq (the fallback CI run).
+    fn pinned_table(config: Config) -> Option<(*mut Table, usize)> {
+        let offset = match registered() {
+            Some(offset) => offset,
+            None => {
+                assert_ne!(
+                    std::env::var("PERCPU_EXPECT_PATH").as_deref(),
+                    Ok("rseq"),
+                    "rseq expected but not registered"
+                );
+                return None;
+            }
+        };
+        // SAFETY: sched_getcpu and sched_setaffinity on a local set.
+        let cpu = unsafe {
+            let cpu = libc::sched_getcpu() as usize;
+            let mut set: libc::cpu_set_t = core::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, core::mem::size_of_val(&set), &set),
+                0
+            );
+            cpu
+        };
+        let table = Table::create(&config, Path::Rseq, offset);
+        assert!(!table.is_null());
+        Some((table, cpu))
+    }
+
+    #[test]
+    fn push_fills_front_slots_then_the_list_and_pop_takes_them_back() {
+        let Some((table, cpu)) = pinned_table(Config::new()) else {
+            return;
+        };
+        // SAFETY: mapped above, unmapped at the end of the test.
+        let t = unsafe { &*table };
+        let header = t.header();
+        let class = 4; // 64 bytes
+        let (lists, fronts) = t.class_base(class);
+        let blocks: Vec<*mut u8> = (0..10)
+            .map(|_| backend::alloc_class(class, false))
+            .collect();
+        for &b in &blocks {
+            // SAFETY: a live table on the rseq path; we own each block.
+            let (done, on) =
+                unsafe { push(header.rseq_offset, lists, fronts, header.ncpu, b, 256) };
+            assert_eq!((done, on as usize), (Done::Committed, cpu));
+        }
+        let word = t.cpu(cpu).lists[class].task.load(Ordering::Relaxed);
+        assert_eq!(
+            (front_len(word), list_len(word), task_len(word)),
+            (7, 3, 10)
+        );
+        let mut popped = Vec::new();
+        for _ in 0..10 {
+            // SAFETY: as above.
+            let (b, on) = unsafe { pop(header.rseq_offset, lists, fronts, header.ncpu) };
+            assert_eq!(on as usize, cpu);
+            popped.push(b);
+        }
+        // Front slots last-in first, then the linked part last-in first.
+        let mut expected: Vec<_> = blocks[..7].iter().rev().copied().collect();
+        expected.extend(blocks[7..].iter().rev());
+        assert_eq!(popped, expected);
+        // SAFETY: as above.
+        let (b, _) = unsafe { pop(header.rseq_offset, lists, fronts, header.ncpu) };
+        assert!(b.is_null(), "empty after ten pops");
+        // Refill, then a drain must find all ten, slots included.
+        for &b in &blocks {
+            // SAFETY: as above.
+            unsafe { push(header.rseq_offset, lists, fronts, header.ncpu, b, 256) };
+        }
+        let report = drain::trim(t);
+        assert_eq!((report.blocks, report.cpus_skipped), (10, 0));
+        assert_eq!(t.cpu(cpu).lists[class].task.load(Ordering::Relaxed), 0);
+        // SAFETY: nothing uses the table now.
+        unsafe { Table::destroy(table) };
+    }
+
+    #[test]
+    fn push_stops_at_the_cap_and_install_needs_an_empty_task_list() {
+        let Some((table, cpu)) = pinned_table(Config::new()) else {
+            return;
+        };
+        // SAFETY: mapped above, unmapped at the end of the test.
+        let t = unsafe { &*table };
+        let header = t.header();
+        let class = 2;
+        let (lists, fronts) = t.class_base(class);
+        let blocks: Vec<*mut u8> = (0..12)
+            .map(|_| backend::alloc_class(class, false))
+            .collect();
+        for (i, &b) in blocks.iter().enumerate() {
+            // SAFETY: a live table on the rseq path; we own each block.
+            let (done, _) = unsafe { push(header.rseq_offset, lists, fronts, header.ncpu, b, 10) };
+            let expected = if i < 10 {
+                Done::Committed
+            } else {
+                Done::Refused
+            };
+            assert_eq!(done, expected, "push {i} with cap 10");
+        }
+        // Not empty: no install.
+        let extra = backend::alloc_class(class, false);
+        // SAFETY: `extra` is ours; a one-block list word.
+        unsafe { crate::free_list::write_link(extra, 0) };
+        let one = crate::free_list::pack(extra, 1);
+        // SAFETY: as above.
+        let done = unsafe { install(header.rseq_offset, lists, header.ncpu, one, 256) };
+        assert_eq!(done, Done::Refused);
+        let report = drain::trim(t);
+        assert_eq!(report.blocks, 10);
+        // Empty now: the install commits and the block is the task list.
+        // SAFETY: as above.
+        let done = unsafe { install(header.rseq_offset, lists, header.ncpu, one, 256) };
+        assert_eq!(done, Done::Committed);
+        assert_eq!(t.cpu(cpu).lists[class].task.load(Ordering::Relaxed), one);
+        assert_eq!(drain::trim(t).blocks, 1);
+        for &b in &blocks[10..] {
+            // SAFETY: refused blocks are still ours.
+            unsafe { backend::free_class(b, class) };
+        }
+        // SAFETY: nothing uses the table now.
+        unsafe { Table::destroy(table) };
+    }
+}

@@ -29,7 +29,7 @@ use core::sync::atomic::Ordering;
 
 use crate::context::Context;
 use crate::cpu_cache::{CpuCache, Table};
-use crate::free_list::{count, head, pack, read_link, write_link, Chain};
+use crate::free_list::{head, list_len, pack, read_link, task_len, write_link, Chain};
 use crate::size_class::Class;
 
 /// What an alloc did.
@@ -117,7 +117,8 @@ pub(crate) unsafe fn free_locked(
             }
             let lists = &cache.lists[class];
             let word = lists.task.load(Ordering::Relaxed);
-            let n = count(word);
+            // The fallback path keeps no front slots: the list is all of it.
+            let n = list_len(word);
             let cap = table.header().caps[class] as u32;
             let result = if n + lists.sig.len() >= cap {
                 Free::Overflow
@@ -151,7 +152,7 @@ pub(crate) unsafe fn free_signal(
 ) -> Free {
     let lists = &cache.lists[class];
     let cap = table.header().caps[class] as u32;
-    let full = |n_sig: u32| count(lists.task.load(Ordering::Relaxed)) + n_sig >= cap;
+    let full = |n_sig: u32| task_len(lists.task.load(Ordering::Relaxed)) + n_sig >= cap;
     // SAFETY: passed on from our caller.
     if unsafe { lists.sig.push_unless(block, full) } {
         Free::Signal
@@ -188,7 +189,7 @@ pub(crate) fn splice_rseq(table: &Table, cpu: usize, class: Class) -> Alloc {
         let done = unsafe {
             crate::rseq::install(
                 header.rseq_offset,
-                table.cpus_base().wrapping_add(class * 16),
+                table.class_base(class).0,
                 header.ncpu,
                 rest,
                 header.caps[class] as u32,
@@ -272,7 +273,10 @@ mod tests {
 
         fn counts(&self, cpu: usize, class: Class) -> (u32, u32) {
             let lists = &self.table().cpu(cpu).lists[class];
-            (count(lists.task.load(Ordering::Relaxed)), lists.sig.len())
+            (
+                task_len(lists.task.load(Ordering::Relaxed)),
+                lists.sig.len(),
+            )
         }
 
         fn walk(&self, word: u64) -> usize {
@@ -290,7 +294,7 @@ mod tests {
             for cpu in self.table().cpus().take(4) {
                 for lists in &self.table().cpu(cpu).lists {
                     let task = lists.task.load(Ordering::Relaxed);
-                    assert_eq!(self.walk(task), count(task) as usize);
+                    assert_eq!(self.walk(task), task_len(task) as usize);
                     assert_eq!(self.walk(lists.sig.word()), lists.sig.len() as usize);
                 }
             }

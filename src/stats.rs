@@ -6,7 +6,7 @@
 use core::sync::atomic::Ordering;
 
 use crate::cpu_cache::Table;
-use crate::free_list::count;
+use crate::free_list::task_len;
 use crate::size_class::{class_size, Class, NUM_CLASSES};
 
 /// How the allocator keeps each CPU's task lists to itself.
@@ -58,7 +58,7 @@ pub(crate) fn counts(table: &Table, cpu: usize, class: Class) -> ListCounts {
         cpu,
         class,
         class_size: class_size(class),
-        nr: count(lists.task.load(Ordering::Relaxed)),
+        nr: task_len(lists.task.load(Ordering::Relaxed)),
         nr_sig: lists.sig.len(),
         cap: table.header().caps[class] as u32,
     }
