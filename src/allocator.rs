@@ -215,8 +215,13 @@ impl PerCpuAlloc {
             .table
             .compare_exchange(ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire)
         {
-            // SAFETY: just published; lives as long as `self`.
-            Ok(_) => Some(unsafe { &*new }),
+            Ok(_) => {
+                if path == Path::Fallback {
+                    fallback::watch_forks(new);
+                }
+                // SAFETY: just published; lives as long as `self`.
+                Some(unsafe { &*new })
+            }
             Err(theirs) => {
                 // SAFETY: ours was never published.
                 unsafe { Table::destroy(new) };
@@ -275,6 +280,7 @@ impl Drop for PerCpuAlloc {
         if !table.is_null() {
             // SAFETY: `&mut self`: no call into this allocator is running,
             // and none can start, so the table is ours to empty and unmap.
+            fallback::unwatch_forks(table);
             unsafe {
                 drain::teardown(&*table);
                 Table::destroy(table);
@@ -321,6 +327,7 @@ fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut 
     }
 }
 
+#[inline]
 fn splice_rseq(table: &Table, class: Class, cpu: u32) -> (*mut u8, Option<usize>) {
     if cpu == u32::MAX {
         return (ptr::null_mut(), None);
@@ -346,8 +353,7 @@ fn take_locked(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
 
 /// A miss: a fresh block from jemalloc, outside any critical section or
 /// slot. Task context also hands back the CPU's deferred blocks first.
-#[cold]
-#[inline(never)]
+#[inline]
 fn miss(table: &Table, class: Class, cpu: Option<usize>, zeroed: bool) -> *mut u8 {
     if let Some(cpu) = cpu {
         if current_context() == Context::Task {

@@ -8,6 +8,77 @@
 //! one and from the vDSO otherwise: no system call either way on x86_64.
 //! The number is only a hint (the thread may move right after); the lock
 //! is what makes the operation exclusive.
+//!
+//! After `fork()` the child has one thread, but a slot that another thread
+//! of the parent held at that moment would stay taken forever, and that
+//! CPU's cache would be dead in the child. A `pthread_atfork` child handler
+//! frees every slot of every fallback table. That is safe: a slot holder
+//! changes its list with one final store, so a list whose holder vanished
+//! is intact (a block that holder was freeing is lost to the child, never
+//! handed out twice).
+
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+use crate::cpu_cache::Table;
+
+/// The fallback tables the fork handler must reach. A table that finds no
+/// room still works; only its slots are not reset after a fork.
+static TABLES: [AtomicPtr<Table>; 32] = [const { AtomicPtr::new(core::ptr::null_mut()) }; 32];
+
+/// Registers a new fallback table with the fork handler (installing the
+/// handler on first use). Called once per table, outside any slot.
+pub(crate) fn watch_forks(table: *mut Table) {
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    for entry in &TABLES {
+        if entry
+            .compare_exchange(
+                core::ptr::null_mut(),
+                table,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            break;
+        }
+    }
+    if !INSTALLED.swap(true, Ordering::AcqRel) {
+        // SAFETY: registers a plain function; glibc may allocate its list
+        // node through this allocator, whose table is already published.
+        unsafe { libc::pthread_atfork(None, None, Some(release_slots_in_child)) };
+    }
+}
+
+/// Forgets a table before it is unmapped.
+pub(crate) fn unwatch_forks(table: *mut Table) {
+    for entry in &TABLES {
+        let _ = entry.compare_exchange(
+            table,
+            core::ptr::null_mut(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+extern "C" fn release_slots_in_child() {
+    for entry in &TABLES {
+        let table = entry.load(Ordering::Acquire);
+        if table.is_null() {
+            continue;
+        }
+        // SAFETY: registered tables stay mapped until unregistered, and the
+        // child has a single thread, so none can be unregistered now.
+        let table = unsafe { &*table };
+        for cpu in table.cpus() {
+            let cache = table.cpu(cpu);
+            // Read first: writing every slot would touch every CPU's page.
+            if cache.slot.load(Ordering::Relaxed) != 0 {
+                cache.unlock();
+            }
+        }
+    }
+}
 
 /// The CPU this thread runs on, if below `ncpu`.
 #[inline]
