@@ -172,6 +172,7 @@ pub(crate) unsafe fn free_signal(
 /// the CPU we are on *now* is still empty. If it is not (this thread moved,
 /// or another filled it meanwhile), the rest goes to the deferred list:
 /// never lost, never handed out twice.
+#[inline]
 pub(crate) fn splice_rseq(table: &Table, cpu: usize, class: Class) -> Alloc {
     let cache = table.cpu(cpu);
     let word = cache.lists[class]
