@@ -240,8 +240,7 @@ impl PerCpuAlloc {
                     Path::Rseq => {
                         // SAFETY: the table is live and on the rseq path.
                         let (block, cpu) = unsafe {
-                            let (lists, fronts) = table.class_base(class);
-                            rseq::pop(header.rseq_offset, lists, fronts, header.ncpu)
+                            rseq::pop(header.rseq_offset, table.class_base(class), header.ncpu)
                         };
                         if block.is_null() {
                             return alloc_slow_rseq(table, class, cpu, zeroed);
@@ -297,10 +296,8 @@ fn take(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
     match header.path {
         Path::Rseq => {
             // SAFETY: the table is live and on the rseq path.
-            let (block, cpu) = unsafe {
-                let (lists, fronts) = table.class_base(class);
-                rseq::pop(header.rseq_offset, lists, fronts, header.ncpu)
-            };
+            let (block, cpu) =
+                unsafe { rseq::pop(header.rseq_offset, table.class_base(class), header.ncpu) };
             if !block.is_null() {
                 return (block, Some(cpu as usize));
             }
@@ -411,11 +408,9 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
             // SAFETY: the table is live and on the rseq path; we own the
             // block and it fits a list word.
             let (done, cpu) = unsafe {
-                let (lists, fronts) = table.class_base(class);
                 rseq::push(
                     header.rseq_offset,
-                    lists,
-                    fronts,
+                    table.class_base(class),
                     header.ncpu,
                     block,
                     header.caps[class] as u32,

@@ -39,9 +39,9 @@ impl Config {
     /// What one CPU may cache at worst, over all classes (tcmalloc's
     /// per-CPU default).
     pub const DEFAULT_CPU_BYTE_BUDGET: usize = 1536 * 1024;
-    /// The largest cap a class can have: task list lengths live in 12 bits
+    /// The largest cap a class can have: task list lengths live in 10 bits
     /// and must hold a spliced signal list, which can pass the cap by one.
-    pub const MAX_CAP: u32 = 4000;
+    pub const MAX_CAP: u32 = 1000;
 
     /// The defaults: threshold 16, cap 256, sizes up to 1 KiB cached,
     /// 1.5 MiB per CPU at most, rseq where available.

@@ -13,47 +13,43 @@ use crate::free_list::{AtomicList, FRONT_SLOTS};
 use crate::size_class::NUM_CLASSES;
 use crate::Path;
 
-/// Per CPU, per class: the task list and the signal list.
-///
-/// The two words sit side by side (16 bytes) because a task-list push
-/// reads both to check the cap; the rseq code relies on this layout.
-#[repr(C)]
+/// Per CPU, per class: the task list and the signal list, then the task
+/// list's front slots. The rseq code relies on this layout (256 bytes).
+#[repr(C, align(64))]
 #[derive(Default)]
 pub(crate) struct ClassLists {
     /// The task list (kernel: `free_list`, `nr`). Written only by its CPU's
     /// owner: a restartable sequence on that CPU or the slot holder.
     pub(crate) task: AtomicU64,
-    /// The signal list (kernel: `free_list_irq`, `nr_irq`).
+    /// The signal list (kernel: `free_list_irq`, `nr_irq`), beside the task
+    /// list because a task-list push reads both to check the cap.
     pub(crate) sig: AtomicList,
+    /// The rseq path's front slots: the top of the task list, up to
+    /// [`FRONT_SLOTS`] blocks held by address beside the list word, whose
+    /// bits 58..63 count them. A pop from a slot reads no block and a push
+    /// writes none, so short bursts run at the speed of an array stack and
+    /// an alloc that follows a free never waits for a link to come back
+    /// from memory. Unused on the fallback path.
+    pub(crate) front: [AtomicU64; FRONT_SLOTS as usize],
 }
 
 /// One CPU's cache.
 #[repr(C, align(128))]
 pub(crate) struct CpuCache {
-    /// At offset 0, so a class's lists are at `class * 16`.
+    /// At offset 0, so a class's lists are at `class * 256`.
     pub(crate) lists: [ClassLists; NUM_CLASSES],
     /// The fallback path's try-lock.
     pub(crate) slot: AtomicU32,
     /// Blocks freed in signal context past the cap: jemalloc is not
     /// async-signal-safe, so task context hands them back later.
     pub(crate) deferred: AtomicList,
-    /// The rseq path's front slots: the top of each task list, up to
-    /// [`FRONT_SLOTS`] blocks held by address beside the list word, whose
-    /// bits 60..63 count them. A pop from a slot needs no read of the block,
-    /// so an alloc that follows a free does not wait for the free's link to
-    /// come back from memory. At [`FRONT_OFFSET`], 64 bytes per class.
-    pub(crate) fronts: [[AtomicU64; 8]; NUM_CLASSES],
 }
 
-/// Where the front slots start in a [`CpuCache`]; the rseq code adds
-/// `class * 64`.
-pub(crate) const FRONT_OFFSET: usize = core::mem::offset_of!(CpuCache, fronts);
-
 /// log2 of the distance between two CPUs' caches.
-pub(crate) const STRIDE_SHIFT: u32 = 12;
+pub(crate) const STRIDE_SHIFT: u32 = 14;
 const _: () = assert!(core::mem::size_of::<CpuCache>() <= 1 << STRIDE_SHIFT);
-const _: () = assert!(core::mem::size_of::<ClassLists>() == 16);
-const _: () = assert!(FRONT_SLOTS < 8);
+const _: () = assert!(core::mem::size_of::<ClassLists>() == 256);
+const _: () = assert!(FRONT_SLOTS < 32);
 
 /// Bytes before the first CPU's cache.
 const HEADER_SIZE: usize = 256;
@@ -158,15 +154,12 @@ impl Table {
         (self as *const Table as *mut u8).wrapping_add(HEADER_SIZE)
     }
 
-    /// The task list word and the front slots of `class` on CPU 0, as the
-    /// rseq sections take them (they add the CPU's offset).
+    /// The lists of `class` on CPU 0, as the rseq sections take them (they
+    /// add the CPU's offset).
     #[inline]
-    pub(crate) fn class_base(&self, class: usize) -> (*mut u8, *mut u8) {
-        let base = self.cpus_base();
-        (
-            base.wrapping_add(class * 16),
-            base.wrapping_add(FRONT_OFFSET + class * 64),
-        )
+    pub(crate) fn class_base(&self, class: usize) -> *mut u8 {
+        self.cpus_base()
+            .wrapping_add(class * core::mem::size_of::<ClassLists>())
     }
 
     /// The CPU numbers this table covers.

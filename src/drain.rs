@@ -89,7 +89,7 @@ pub(crate) unsafe fn teardown(table: &Table) -> TrimReport {
 /// `word` was the task list of `class` on `cache`, and its owner gave it up
 /// (the word is no longer installed), so its slots and blocks are ours.
 unsafe fn free_task_list(cache: &CpuCache, class: usize, word: u64, report: &mut TrimReport) {
-    for slot in &cache.fronts[class][..front_len(word) as usize] {
+    for slot in &cache.lists[class].front[..front_len(word) as usize] {
         let block = slot.load(Ordering::Relaxed) as *mut u8;
         report.blocks += 1;
         report.bytes += class_size(class);

@@ -23,36 +23,36 @@ pub(crate) const COUNT_SHIFT: u32 = 48;
 pub(crate) const PTR_MASK: u64 = (1 << COUNT_SHIFT) - 1;
 /// The largest length a list word can hold. Bit 63 is kept free.
 pub(crate) const MAX_COUNT: u32 = (1 << 15) - 1;
-/// Task list words hold at most this many blocks on their list (12 bits),
-/// so a cap must stay below it even after the signal list (which may pass
-/// the cap by one) is spliced in.
-pub(crate) const MAX_TASK_LIST: u32 = (1 << 12) - 1;
-/// Task list words on the rseq path also count the blocks in the CPU's
-/// front slots for the class, in bits 60..63.
-pub(crate) const FRONT_SHIFT: u32 = 60;
-/// Front slots per CPU and class (the most a 3-bit count can say).
-pub(crate) const FRONT_SLOTS: u32 = 7;
+/// A task list word is `[drain:1][front:5][nr:10][head:48]`: `nr` counts
+/// the whole task list, front slots and linked part. It must hold a
+/// spliced signal list, which can pass the cap by one.
+pub(crate) const MAX_TASK_LIST: u32 = (1 << 10) - 1;
+/// Where a task list word counts its front slots (rseq path only).
+pub(crate) const FRONT_SHIFT: u32 = 58;
+/// Front slots per CPU and class: with the two list words, four cache
+/// lines.
+pub(crate) const FRONT_SLOTS: u32 = 30;
 /// Set on a task list word while a drain owns the list (rseq path).
 /// Its list looks longer than any cap, so a push overflows; a pop sees a
 /// negative word and goes to its slow path.
 pub(crate) const DRAIN_BIT: u64 = 1 << 63;
 
-/// The blocks on a task list word's linked part.
+/// A task list's length (`nr`): front slots plus linked blocks.
 #[inline]
-pub(crate) fn list_len(word: u64) -> u32 {
+pub(crate) fn task_len(word: u64) -> u32 {
     ((word >> COUNT_SHIFT) as u32) & MAX_TASK_LIST
 }
 
 /// The blocks in a task list word's front slots.
 #[inline]
 pub(crate) fn front_len(word: u64) -> u32 {
-    ((word >> FRONT_SHIFT) as u32) & 7
+    ((word >> FRONT_SHIFT) as u32) & 0x1f
 }
 
-/// A task list's length (`nr`): front slots plus linked blocks.
+/// The blocks on a task list word's linked part.
 #[inline]
-pub(crate) fn task_len(word: u64) -> u32 {
-    list_len(word) + front_len(word)
+pub(crate) fn list_len(word: u64) -> u32 {
+    task_len(word) - front_len(word)
 }
 
 /// The head block of a list word (null when empty).
@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(head(w), p);
         assert_eq!(count(w), 300);
         assert_eq!(task_len(w), 300);
-        let with_front = w + (3 << FRONT_SHIFT);
+        let with_front = w + (3 << FRONT_SHIFT) + (3 << COUNT_SHIFT);
         assert_eq!((front_len(with_front), list_len(with_front)), (3, 300));
         assert_eq!(task_len(with_front), 303);
         assert_eq!(head(with_front), p);

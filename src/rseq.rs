@@ -8,8 +8,8 @@
 //! handler, which starts the sequence over. So no atomics and no locks, and a
 //! signal handler can never see a half-done operation.
 //!
-//! On this path the top of each task list is kept in up to seven front
-//! slots beside the list word (see [`crate::cpu_cache::CpuCache::fronts`]):
+//! On this path the top of each task list is kept in up to 30 front
+//! slots beside the list word (see [`crate::cpu_cache::ClassLists::front`]):
 //! popping a slot needs no read of the block, so a free followed by an
 //! alloc of the same class is not held up by the link the free just wrote.
 //!
@@ -91,29 +91,26 @@ mod imp {
     //   6: the abort handler, after glibc's signature 0x53053053 (encoded as
     //      the operand of a `ud1` that is never executed).
     // Labels start at 2 and skip 10 and 11: x86 assemblers read labels of
-    // only 0s and 1s as binary. The CPU's cache is `cpu << 12` bytes past
+    // only 0s and 1s as binary. The CPU's cache is `cpu << 14` bytes past
     // CPU 0's (STRIDE_SHIFT).
     //
-    // A task list word is [drain:1][front:3][list length:12][head:48].
+    // A task list word is [drain:1][front:5][nr:10][head:48], where nr
+    // counts front slots and linked blocks; the 30 front slots follow the
+    // two list words. The constants below are 1 << 58 | 1 << 48 (one more
+    // in front and in nr) and 30 << 48.
 
     /// Pops a block from the task list of the current CPU: the last front
-    /// slot if any, else the head of the linked part. `lists` and `fronts`
-    /// are the class's task list word and front slots on CPU 0.
+    /// slot if any, else the head of the linked part. `lists` is the class's
+    /// lists on CPU 0 (task word, signal word, front slots).
     ///
     /// Returns the block and the CPU; a null block when the list is empty or
     /// draining; CPU `u32::MAX` when there is no usable CPU.
     ///
     /// # Safety
-    /// `offset` is `__rseq_offset`; `lists`, `fronts` and `ncpu` describe a
-    /// live table whose task lists are changed only by these sections (or
+    /// `offset` is `__rseq_offset`; `lists` and `ncpu` describe a live table whose task lists are changed only by these sections (or
     /// by a drain that follows the drain-bit protocol).
     #[inline(always)]
-    pub(crate) unsafe fn pop(
-        offset: isize,
-        lists: *mut u8,
-        fronts: *mut u8,
-        ncpu: u32,
-    ) -> (*mut u8, u32) {
+    pub(crate) unsafe fn pop(offset: isize, lists: *mut u8, ncpu: u32) -> (*mut u8, u32) {
         let block: *mut u8;
         let cpu: u64;
         // SAFETY: see the function's contract. The only memory written is
@@ -139,19 +136,19 @@ mod imp {
                 "cmp {cpu:e}, {ncpu:e}",
                 "jae 7f",
                 "mov {addr}, {cpu}",
-                "shl {addr}, 12",
-                "mov {w}, qword ptr [{lists} + {addr}]",
+                "shl {addr}, 14",
+                "add {addr}, {lists}",
+                "mov {w}, qword ptr [{addr}]",
                 // Zero is empty; a set drain bit makes the word negative.
                 "test {w}, {w}",
                 "jle 8f",
                 "mov {p}, {w}",
-                "shr {p}, 60",
+                "shr {p}, 58",
                 "jz 12f",
-                // Front slot `front - 1`; the word only loses one from its
-                // front count.
-                "lea {t}, [{fronts} + {addr}]",
-                "mov {p}, qword ptr [{t} + {p} * 8 - 8]",
-                "mov {t}, 0x1000000000000000",
+                // Front slot `front - 1` (at byte 16 + 8 * slot); the word
+                // loses one from its front count and one from nr.
+                "mov {p}, qword ptr [{addr} + {p} * 8 + 8]",
+                "mov {t}, 0x0401000000000000",
                 "sub {w}, {t}",
                 "jmp 13f",
                 "12:",
@@ -164,7 +161,7 @@ mod imp {
                 "and {t}, {mask}",
                 "prefetcht0 byte ptr [{t}]",
                 "13:",
-                "mov qword ptr [{lists} + {addr}], {w}",
+                "mov qword ptr [{addr}], {w}",
                 "5:",
                 "jmp 9f",
                 ".byte 0x0f, 0xb9, 0x3d",
@@ -178,7 +175,6 @@ mod imp {
                 "9:",
                 off = in(reg) offset,
                 lists = in(reg) lists,
-                fronts = in(reg) fronts,
                 ncpu = in(reg) ncpu,
                 mask = in(reg) crate::free_list::PTR_MASK,
                 p = out(reg) block,
@@ -204,7 +200,6 @@ mod imp {
     pub(crate) unsafe fn push(
         offset: isize,
         lists: *mut u8,
-        fronts: *mut u8,
         ncpu: u32,
         block: *mut u8,
         cap: u32,
@@ -233,44 +228,48 @@ mod imp {
                 "cmp {cpu:e}, {ncpu:e}",
                 "jae 7f",
                 "mov {addr}, {cpu}",
-                "shl {addr}, 12",
-                "mov {w}, qword ptr [{lists} + {addr}]",
+                "shl {addr}, 14",
+                "add {addr}, {lists}",
+                "mov {w}, qword ptr [{addr}]",
                 "test {w}, {w}",
                 "js 8f",
                 // nr + nr_sig against the cap.
-                "mov {n}, qword ptr [{lists} + {addr} + 8]",
+                "mov {n}, qword ptr [{addr} + 8]",
                 "shr {n}, 48",
                 "mov {t}, {w}",
                 "shr {t}, 48",
-                "mov {u}, {t}",
-                "shr {u}, 12",
-                "and {t}, 0xfff",
+                "and {t}, 0x3ff",
                 "add {n}, {t}",
-                "add {n}, {u}",
                 "cmp {n}, {cap}",
                 "jae 8f",
-                "cmp {u}, 7",
+                "mov {u}, {w}",
+                "shr {u}, 58",
+                "cmp {u}, 30",
                 "jae 12f",
-                // Into front slot `front`.
-                "lea {t}, [{fronts} + {addr}]",
-                "mov qword ptr [{t} + {u} * 8], {block}",
-                "mov {t}, 0x1000000000000000",
+                // Into front slot `front` (at byte 16 + 8 * slot): one more
+                // in front, one more in nr.
+                "mov qword ptr [{addr} + {u} * 8 + 16], {block}",
+                "mov {t}, 0x0401000000000000",
                 "add {t}, {w}",
                 "jmp 13f",
                 "12:",
-                // Onto the linked part: the link is the word without its
-                // front count; the new word keeps the front count.
+                // Onto the linked part. The link is the word of the linked
+                // part alone: no front count, and nr less the 30 in front.
                 "mov {t}, {w}",
-                "shl {t}, 4",
-                "shr {t}, 4",
+                "shl {t}, 6",
+                "shr {t}, 6",
+                "mov {u}, 0x001e000000000000",
+                "sub {t}, {u}",
                 "mov qword ptr [{block}], {t}",
+                // The new word: the block as head, nr plus one, the front
+                // count kept.
                 "mov {t}, {w}",
                 "shr {t}, 48",
                 "add {t}, 1",
                 "shl {t}, 48",
                 "or {t}, {block}",
                 "13:",
-                "mov qword ptr [{lists} + {addr}], {t}",
+                "mov qword ptr [{addr}], {t}",
                 "5:",
                 "xor {n:e}, {n:e}",
                 "jmp 9f",
@@ -285,7 +284,6 @@ mod imp {
                 "9:",
                 off = in(reg) offset,
                 lists = in(reg) lists,
-                fronts = in(reg) fronts,
                 ncpu = in(reg) ncpu,
                 block = in(reg) block,
                 cap = in(reg) cap as u64,
@@ -346,7 +344,7 @@ mod imp {
                 "cmp {cpu:e}, {ncpu:e}",
                 "jae 7f",
                 "mov {addr}, {cpu}",
-                "shl {addr}, 12",
+                "shl {addr}, 14",
                 "add {addr}, {lists}",
                 "cmp qword ptr [{addr}], 0",
                 "jne 8f",
@@ -403,19 +401,13 @@ mod imp {
         None
     }
 
-    pub(crate) unsafe fn pop(
-        _offset: isize,
-        _lists: *mut u8,
-        _fronts: *mut u8,
-        _ncpu: u32,
-    ) -> (*mut u8, u32) {
+    pub(crate) unsafe fn pop(_offset: isize, _lists: *mut u8, _ncpu: u32) -> (*mut u8, u32) {
         (core::ptr::null_mut(), u32::MAX)
     }
 
     pub(crate) unsafe fn push(
         _offset: isize,
         _lists: *mut u8,
-        _fronts: *mut u8,
         _ncpu: u32,
         _block: *mut u8,
         _cap: u32,
@@ -441,7 +433,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::cpu_cache::Table;
-    use crate::free_list::{front_len, list_len, task_len};
+    use crate::free_list::{front_len, list_len, task_len, FRONT_SLOTS};
     use crate::{backend, drain, Path};
     use core::sync::atomic::Ordering;
 
@@ -484,42 +476,41 @@ mod tests {
         let t = unsafe { &*table };
         let header = t.header();
         let class = 4; // 64 bytes
-        let (lists, fronts) = t.class_base(class);
-        let blocks: Vec<*mut u8> = (0..10)
-            .map(|_| backend::alloc_class(class, false))
-            .collect();
+        let lists = t.class_base(class);
+        let n = FRONT_SLOTS as usize + 4;
+        let blocks: Vec<*mut u8> = (0..n).map(|_| backend::alloc_class(class, false)).collect();
         for &b in &blocks {
             // SAFETY: a live table on the rseq path; we own each block.
-            let (done, on) =
-                unsafe { push(header.rseq_offset, lists, fronts, header.ncpu, b, 256) };
+            let (done, on) = unsafe { push(header.rseq_offset, lists, header.ncpu, b, 256) };
             assert_eq!((done, on as usize), (Done::Committed, cpu));
         }
         let word = t.cpu(cpu).lists[class].task.load(Ordering::Relaxed);
         assert_eq!(
             (front_len(word), list_len(word), task_len(word)),
-            (7, 3, 10)
+            (FRONT_SLOTS, 4, n as u32)
         );
         let mut popped = Vec::new();
-        for _ in 0..10 {
+        for _ in 0..n {
             // SAFETY: as above.
-            let (b, on) = unsafe { pop(header.rseq_offset, lists, fronts, header.ncpu) };
+            let (b, on) = unsafe { pop(header.rseq_offset, lists, header.ncpu) };
             assert_eq!(on as usize, cpu);
             popped.push(b);
         }
         // Front slots last-in first, then the linked part last-in first.
-        let mut expected: Vec<_> = blocks[..7].iter().rev().copied().collect();
-        expected.extend(blocks[7..].iter().rev());
+        let front = FRONT_SLOTS as usize;
+        let mut expected: Vec<_> = blocks[..front].iter().rev().copied().collect();
+        expected.extend(blocks[front..].iter().rev());
         assert_eq!(popped, expected);
         // SAFETY: as above.
-        let (b, _) = unsafe { pop(header.rseq_offset, lists, fronts, header.ncpu) };
-        assert!(b.is_null(), "empty after ten pops");
-        // Refill, then a drain must find all ten, slots included.
+        let (b, _) = unsafe { pop(header.rseq_offset, lists, header.ncpu) };
+        assert!(b.is_null(), "empty after taking everything");
+        // Refill, then a drain must find them all, slots included.
         for &b in &blocks {
             // SAFETY: as above.
-            unsafe { push(header.rseq_offset, lists, fronts, header.ncpu, b, 256) };
+            unsafe { push(header.rseq_offset, lists, header.ncpu, b, 256) };
         }
         let report = drain::trim(t);
-        assert_eq!((report.blocks, report.cpus_skipped), (10, 0));
+        assert_eq!((report.blocks, report.cpus_skipped), (n, 0));
         assert_eq!(t.cpu(cpu).lists[class].task.load(Ordering::Relaxed), 0);
         // SAFETY: nothing uses the table now.
         unsafe { Table::destroy(table) };
@@ -534,13 +525,13 @@ mod tests {
         let t = unsafe { &*table };
         let header = t.header();
         let class = 2;
-        let (lists, fronts) = t.class_base(class);
+        let lists = t.class_base(class);
         let blocks: Vec<*mut u8> = (0..12)
             .map(|_| backend::alloc_class(class, false))
             .collect();
         for (i, &b) in blocks.iter().enumerate() {
             // SAFETY: a live table on the rseq path; we own each block.
-            let (done, _) = unsafe { push(header.rseq_offset, lists, fronts, header.ncpu, b, 10) };
+            let (done, _) = unsafe { push(header.rseq_offset, lists, header.ncpu, b, 10) };
             let expected = if i < 10 {
                 Done::Committed
             } else {

@@ -190,7 +190,7 @@ pub(crate) fn splice_rseq(table: &Table, cpu: usize, class: Class) -> Alloc {
         let done = unsafe {
             crate::rseq::install(
                 header.rseq_offset,
-                table.class_base(class).0,
+                table.class_base(class),
                 header.ncpu,
                 rest,
                 header.caps[class] as u32,
