@@ -76,7 +76,7 @@ pub(crate) fn pack(block: *mut u8, n: u32) -> u64 {
 /// Whether `block` can be linked: its address must fit in 48 bits.
 #[inline]
 pub(crate) fn fits(block: *mut u8) -> bool {
-    block as u64 & !PTR_MASK == 0
+    (block as u64) >> COUNT_SHIFT == 0
 }
 
 /// Reads the link of a listed block.

@@ -30,7 +30,9 @@ pub type Class = usize;
 
 /// `LOOKUP[(size + 7) / 8]` is the class of `size`; entry 0 (size 0) maps to
 /// the smallest class, so a zero-sized request still gets a real block.
-static LOOKUP: [u8; MAX_CACHEABLE_SIZE / 8 + 1] = build_lookup();
+/// A `const`, not a `static`: where the size is known at compile time (a
+/// `Box<T>`), the compiler folds the lookup away.
+const LOOKUP: [u8; MAX_CACHEABLE_SIZE / 8 + 1] = build_lookup();
 
 const fn build_lookup() -> [u8; MAX_CACHEABLE_SIZE / 8 + 1] {
     let mut table = [0u8; MAX_CACHEABLE_SIZE / 8 + 1];
