@@ -44,12 +44,6 @@ pub struct PerCpuAlloc {
     table: AtomicPtr<Table>,
 }
 
-// SAFETY: all shared state is in the table, reached through atomics and the
-// per-CPU exclusion described in `rules`.
-unsafe impl Sync for PerCpuAlloc {}
-// SAFETY: as above; the table is a plain mapping, not tied to a thread.
-unsafe impl Send for PerCpuAlloc {}
-
 impl PerCpuAlloc {
     /// An allocator with the default [`Config`]: splice threshold 16, cap
     /// 256, sizes up to 1 KiB cached within 1.5 MiB per CPU, rseq where
@@ -277,9 +271,9 @@ impl Drop for PerCpuAlloc {
     fn drop(&mut self) {
         let table = *self.table.get_mut();
         if !table.is_null() {
+            fallback::unwatch_forks(table);
             // SAFETY: `&mut self`: no call into this allocator is running,
             // and none can start, so the table is ours to empty and unmap.
-            fallback::unwatch_forks(table);
             unsafe {
                 drain::teardown(&*table);
                 Table::destroy(table);

@@ -11,12 +11,17 @@
 //! section in flight on that CPU (`membarrier` with
 //! `MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ`). If the bit is still there
 //! afterwards, no section can commit over it and the list is the drain's.
+//!
+//! A task list's front slots stay in the CPU's cache when its word is
+//! taken, and its owner refills them as soon as the word is released. So
+//! a drain copies them out while it still holds the list (slot, drain bit,
+//! or exclusive access), and only then releases the word.
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::backend;
-use crate::cpu_cache::{CpuCache, Table};
-use crate::free_list::{front_len, Chain, DRAIN_BIT};
+use crate::cpu_cache::{ClassLists, Table};
+use crate::free_list::{front_len, Chain, DRAIN_BIT, FRONT_SLOTS};
 use crate::size_class::{class_size, NUM_CLASSES};
 use crate::stats::TrimReport;
 use crate::Path;
@@ -66,10 +71,12 @@ pub(crate) unsafe fn teardown(table: &Table) -> TrimReport {
     for cpu in table.cpus() {
         let cache = table.cpu(cpu);
         for (class, lists) in cache.lists.iter().enumerate() {
-            let word = lists.task.swap(0, Ordering::Acquire);
+            let word = lists.task.load(Ordering::Acquire);
             // SAFETY: no section or slot holder can be running (our caller's
             // contract), so the list is ours.
-            unsafe { free_task_list(cache, class, word, &mut report) };
+            let taken = unsafe { take_held(lists, word) };
+            lists.task.store(0, Ordering::Release);
+            free_taken(class, taken, &mut report);
         }
         if cache.slot.load(Ordering::Relaxed) != 0 {
             cache.unlock();
@@ -82,23 +89,43 @@ pub(crate) unsafe fn teardown(table: &Table) -> TrimReport {
     report
 }
 
-/// Frees a task list taken off its CPU: its front slots and its linked
-/// part.
+/// A task list taken off its CPU: its word and a copy of its front slots.
+struct Taken {
+    word: u64,
+    front: [*mut u8; FRONT_SLOTS as usize],
+}
+
+/// Copies the list `word` (the current task list of `lists`) with its front
+/// slots, before the caller releases the word.
 ///
 /// # Safety
-/// `word` was the task list of `class` on `cache`, and its owner gave it up
-/// (the word is no longer installed), so its slots and blocks are ours.
-unsafe fn free_task_list(cache: &CpuCache, class: usize, word: u64, report: &mut TrimReport) {
-    for slot in &cache.lists[class].front[..front_len(word) as usize] {
-        let block = slot.load(Ordering::Relaxed) as *mut u8;
+/// The caller holds the list: no one can change the word or the slots
+/// below its front count until the caller releases it.
+unsafe fn take_held(lists: &ClassLists, word: u64) -> Taken {
+    let mut front = [core::ptr::null_mut(); FRONT_SLOTS as usize];
+    let n = (front_len(word) as usize).min(front.len());
+    for (copy, slot) in front.iter_mut().zip(&lists.front[..n]) {
+        *copy = slot.load(Ordering::Relaxed) as *mut u8;
+    }
+    Taken {
+        word: word & !DRAIN_BIT,
+        front,
+    }
+}
+
+/// Gives a taken task list back to jemalloc: its front slots, then its
+/// linked part.
+fn free_taken(class: usize, taken: Taken, report: &mut TrimReport) {
+    let n = (front_len(taken.word) as usize).min(taken.front.len());
+    for &block in &taken.front[..n] {
         report.blocks += 1;
         report.bytes += class_size(class);
-        // SAFETY: the slots below the front count hold live blocks of
+        // SAFETY: the slots below the front count held live blocks of
         // `class`, given up with the word.
         unsafe { backend::free_class(block, class) };
     }
-    // SAFETY: as above, for the linked part.
-    free_chain(unsafe { Chain::new(word) }, class, report);
+    // SAFETY: the linked part was given up with the word too.
+    free_chain(unsafe { Chain::new(taken.word) }, class, report);
 }
 
 fn free_chain(chain: Chain, class: usize, report: &mut TrimReport) {
@@ -123,14 +150,20 @@ fn take_task_lists_locked(table: &Table, cpu: usize, report: &mut TrimReport) ->
         }
         std::thread::yield_now();
     }
-    let mut words = [0u64; NUM_CLASSES];
-    for (word, lists) in words.iter_mut().zip(cache.lists.iter()) {
-        *word = lists.task.swap(0, Ordering::Relaxed);
+    let mut taken: [Option<Taken>; NUM_CLASSES] = [const { None }; NUM_CLASSES];
+    for (slot, lists) in taken.iter_mut().zip(cache.lists.iter()) {
+        let word = lists.task.load(Ordering::Relaxed);
+        if word != 0 {
+            // SAFETY: we hold the CPU's slot.
+            *slot = Some(unsafe { take_held(lists, word) });
+            lists.task.store(0, Ordering::Relaxed);
+        }
     }
     cache.unlock();
-    for (class, word) in words.into_iter().enumerate() {
-        // SAFETY: taken under the slot.
-        unsafe { free_task_list(cache, class, word, report) };
+    for (class, t) in taken.into_iter().enumerate() {
+        if let Some(t) = t {
+            free_taken(class, t, report);
+        }
     }
     true
 }
@@ -139,11 +172,11 @@ fn take_task_lists_rseq(table: &Table, cpu: usize, report: &mut TrimReport) -> b
     let cache = table.cpu(cpu);
     for (class, lists) in cache.lists.iter().enumerate() {
         let mut attempts = 0;
-        let word = loop {
+        let taken = loop {
             let word = lists.task.load(Ordering::Relaxed);
             if word == 0 || word & DRAIN_BIT != 0 {
                 // Empty, or another drain has it.
-                break 0;
+                break None;
             }
             if lists
                 .task
@@ -162,21 +195,23 @@ fn take_task_lists_rseq(table: &Table, cpu: usize, report: &mut TrimReport) -> b
                 );
                 return false;
             }
-            if lists
-                .task
-                .compare_exchange(word | DRAIN_BIT, 0, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                break word;
+            if lists.task.load(Ordering::Acquire) == word | DRAIN_BIT {
+                // The bit survived the fence: no section can commit on this
+                // list, and none writes its slots, until we release it.
+                // SAFETY: held by the drain bit.
+                let taken = unsafe { take_held(lists, word) };
+                lists.task.store(0, Ordering::Release);
+                break Some(taken);
             }
             // A section committed over the bit before the fence: try again.
             attempts += 1;
             if attempts > 100 {
-                break 0;
+                break None;
             }
         };
-        // SAFETY: won by the protocol in the module comment.
-        unsafe { free_task_list(cache, class, word, report) };
+        if let Some(taken) = taken {
+            free_taken(class, taken, report);
+        }
     }
     true
 }
