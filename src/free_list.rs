@@ -1,9 +1,10 @@
 //! Intrusive free lists whose whole state is one 64-bit word.
 //!
 //! A list word packs the head block's address (low 48 bits) with the list's
-//! length (bits 48..63). A free block's first eight bytes hold the list word
-//! of the rest of the list, so a block carries its list's tail *and* that
-//! tail's length. Three things follow:
+//! length (the bits above; task list words also count their front slots,
+//! see [`MAX_TASK_LIST`]). A free block's first eight bytes hold the list
+//! word of the rest of the list, so a block carries its list's tail *and*
+//! that tail's length. Three things follow:
 //! - push and pop change one word, which is what lets a restartable
 //!   sequence commit either with a single store;
 //! - `nr` and `nr_sig` are exact: they are read from the same word the
@@ -32,9 +33,9 @@ pub(crate) const FRONT_SHIFT: u32 = 58;
 /// Front slots per CPU and class: with the two list words, four cache
 /// lines.
 pub(crate) const FRONT_SLOTS: u32 = 30;
-/// Set on a task list word while a drain owns the list (rseq path).
-/// Its list looks longer than any cap, so a push overflows; a pop sees a
-/// negative word and goes to its slow path.
+/// Set on a task list word while a drain owns the list (rseq path). It
+/// makes the word negative, and every critical section refuses a negative
+/// word: a push overflows, a pop misses.
 pub(crate) const DRAIN_BIT: u64 = 1 << 63;
 
 /// A task list's length (`nr`): front slots plus linked blocks.
