@@ -25,7 +25,7 @@
 //! ```
 //!
 //! With the cargo feature `global`, this crate installs a default
-//! `PerCpuAlloc` as the global allocator itself ([`GLOBAL`]).
+//! `PerCpuAlloc` as the global allocator itself (`percpu_alloc::GLOBAL`).
 //!
 //! Signal handlers that free memory mark their scope with
 //! [`enter_signal_context`] or are installed with
