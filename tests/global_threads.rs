@@ -245,8 +245,8 @@ fn short_lived_threads_free_what_others_allocated() {
 #[test]
 fn trim_while_threads_churn_loses_nothing() {
     // A trim reaches every CPU's task lists while their owners keep
-    // pushing and popping (on the rseq path: the drain bit and the
-    // membarrier fence). A block taken by both a trim and an allocation
+    // pushing, popping and splicing (on the rseq path: the drain bit and
+    // the membarrier fence). A block taken by both a trim and an allocation
     // would be freed to jemalloc while in use and handed out again: two
     // owners, two patterns, one check fails.
     let _serial = serial(&SERIAL);
@@ -277,7 +277,15 @@ fn trim_while_threads_churn_loses_nothing() {
                     });
                     if live.len() > 300 || rng.chance(40) {
                         let at = rng.below(live.len());
-                        live.swap_remove(at).free("block freed while trims run");
+                        let b = live.swap_remove(at);
+                        if rng.chance(30) {
+                            // Signal-context frees fill the signal lists,
+                            // so allocs splice while trims take lists too.
+                            let _signal = percpu_alloc::enter_signal_context();
+                            b.free("block freed in signal context while trims run");
+                        } else {
+                            b.free("block freed while trims run");
+                        }
                     }
                     iter += 1;
                 }
