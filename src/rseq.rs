@@ -562,4 +562,43 @@ mod tests {
         // SAFETY: nothing uses the table now.
         unsafe { Table::destroy(table) };
     }
+
+    #[test]
+    fn a_splice_that_cannot_install_defers_the_rest() {
+        let Some((table, cpu)) = pinned_table(Config::new()) else {
+            return;
+        };
+        // SAFETY: mapped above, unmapped at the end of the test.
+        let t = unsafe { &*table };
+        let header = t.header();
+        let class = 3; // 48 bytes
+        let lists = t.class_base(class);
+        // One block on the task list, so the install must be refused.
+        let first = backend::alloc_class(class, false);
+        // SAFETY: a live table on the rseq path; we own the block.
+        let (done, _) = unsafe { push(header.rseq_offset, lists, header.ncpu, first, 256) };
+        assert_eq!(done, Done::Committed);
+        for _ in 0..20 {
+            let b = backend::alloc_class(class, false);
+            // SAFETY: we own the block.
+            let f = unsafe { crate::rules::free_signal(t, t.cpu(cpu), class, b) };
+            assert_eq!(f, crate::rules::Free::Signal);
+        }
+        let got = match crate::rules::splice_rseq(t, cpu, class) {
+            crate::rules::Alloc::Spliced(b) => b,
+            other => panic!("expected a splice, got {other:?}"),
+        };
+        let cache = t.cpu(cpu);
+        assert_eq!(task_len(cache.lists[class].task.load(Ordering::Relaxed)), 1);
+        assert_eq!(cache.lists[class].sig.len(), 0);
+        // SAFETY: quiescent; walking reads links only.
+        let deferred = unsafe { crate::free_list::Chain::new(cache.deferred.word()) }.count();
+        assert_eq!(deferred, 19, "the 19 blocks left after the one handed out");
+        // SAFETY: the spliced block is ours.
+        unsafe { backend::free_class(got, class) };
+        let report = drain::trim(t);
+        assert_eq!((report.blocks, report.deferred_blocks), (1, 19));
+        // SAFETY: nothing uses the table now.
+        unsafe { Table::destroy(table) };
+    }
 }
