@@ -99,6 +99,53 @@ mod imp {
     // two list words. The constants below are 1 << 58 | 1 << 48 (one more
     // in front and in nr) and 30 << 48.
 
+    /// The start of every section: its descriptor (3:), the store of the
+    /// descriptor's address into rseq_cs with `$tmp` as scratch (2:, where
+    /// the abort handler restarts), then the section itself (4:): the CPU
+    /// read and checked into `{cpu}` (7: when unusable), and
+    /// `{addr} = {lists} + cpu << 14`.
+    macro_rules! section_start {
+        ($tmp:literal) => {
+            concat!(
+                ".pushsection __rseq_cs, \"aw\"\n",
+                ".balign 32\n",
+                "3:\n",
+                ".long 0, 0\n",
+                ".quad 4f, (5f - 4f), 6f\n",
+                ".popsection\n",
+                "2:\n",
+                "lea {",
+                $tmp,
+                "}, [rip + 3b]\n",
+                "mov qword ptr fs:[{off} + 8], {",
+                $tmp,
+                "}\n",
+                "4:\n",
+                "mov {cpu}, qword ptr fs:[{off}]\n",
+                "test {cpu}, {cpu}\n",
+                "js 7f\n",
+                "mov {cpu:e}, {cpu:e}\n",
+                "cmp {cpu:e}, {ncpu:e}\n",
+                "jae 7f\n",
+                "mov {addr}, {cpu}\n",
+                "shl {addr}, 14\n",
+                "add {addr}, {lists}\n",
+            )
+        };
+    }
+
+    /// The abort handler (6:), after glibc's signature, jumping back to 2:.
+    macro_rules! abort_handler {
+        () => {
+            concat!(
+                ".byte 0x0f, 0xb9, 0x3d\n",
+                ".long 0x53053053\n",
+                "6:\n",
+                "jmp 2b\n",
+            )
+        };
+    }
+
     /// Pops a block from the task list of the current CPU: the last front
     /// slot if any, else the head of the linked part. `lists` is the class's
     /// lists on CPU 0 (task word, signal word, front slots).
@@ -107,8 +154,9 @@ mod imp {
     /// draining; CPU `u32::MAX` when there is no usable CPU.
     ///
     /// # Safety
-    /// `offset` is `__rseq_offset`; `lists` and `ncpu` describe a live table whose task lists are changed only by these sections (or
-    /// by a drain that follows the drain-bit protocol).
+    /// `offset` is `__rseq_offset`; `lists` and `ncpu` describe a live
+    /// table whose task lists are changed only by these sections (or by a
+    /// drain that follows the drain-bit protocol).
     #[inline(always)]
     pub(crate) unsafe fn pop(offset: isize, lists: *mut u8, ncpu: u32) -> (*mut u8, u32) {
         let block: *mut u8;
@@ -119,25 +167,7 @@ mod imp {
         // us; the prefetch cannot fault.
         unsafe {
             asm!(
-                ".pushsection __rseq_cs, \"aw\"",
-                ".balign 32",
-                "3:",
-                ".long 0, 0",
-                ".quad 4f, (5f - 4f), 6f",
-                ".popsection",
-                "2:",
-                "lea {p}, [rip + 3b]",
-                "mov qword ptr fs:[{off} + 8], {p}",
-                "4:",
-                "mov {cpu}, qword ptr fs:[{off}]",
-                "test {cpu}, {cpu}",
-                "js 7f",
-                "mov {cpu:e}, {cpu:e}",
-                "cmp {cpu:e}, {ncpu:e}",
-                "jae 7f",
-                "mov {addr}, {cpu}",
-                "shl {addr}, 14",
-                "add {addr}, {lists}",
+                section_start!("p"),
                 "mov {w}, qword ptr [{addr}]",
                 // Zero is empty; a set drain bit makes the word negative.
                 "test {w}, {w}",
@@ -164,10 +194,7 @@ mod imp {
                 "mov qword ptr [{addr}], {w}",
                 "5:",
                 "jmp 9f",
-                ".byte 0x0f, 0xb9, 0x3d",
-                ".long 0x53053053",
-                "6:",
-                "jmp 2b",
+                abort_handler!(),
                 "7:",
                 "mov {cpu:e}, -1",
                 "8:",
@@ -211,25 +238,7 @@ mod imp {
         // written, neither part of any list until the commit.
         unsafe {
             asm!(
-                ".pushsection __rseq_cs, \"aw\"",
-                ".balign 32",
-                "3:",
-                ".long 0, 0",
-                ".quad 4f, (5f - 4f), 6f",
-                ".popsection",
-                "2:",
-                "lea {t}, [rip + 3b]",
-                "mov qword ptr fs:[{off} + 8], {t}",
-                "4:",
-                "mov {cpu}, qword ptr fs:[{off}]",
-                "test {cpu}, {cpu}",
-                "js 7f",
-                "mov {cpu:e}, {cpu:e}",
-                "cmp {cpu:e}, {ncpu:e}",
-                "jae 7f",
-                "mov {addr}, {cpu}",
-                "shl {addr}, 14",
-                "add {addr}, {lists}",
+                section_start!("t"),
                 "mov {w}, qword ptr [{addr}]",
                 "test {w}, {w}",
                 "js 8f",
@@ -273,10 +282,7 @@ mod imp {
                 "5:",
                 "xor {n:e}, {n:e}",
                 "jmp 9f",
-                ".byte 0x0f, 0xb9, 0x3d",
-                ".long 0x53053053",
-                "6:",
-                "jmp 2b",
+                abort_handler!(),
                 "7:",
                 "mov {cpu:e}, -1",
                 "8:",
@@ -327,25 +333,7 @@ mod imp {
         // list word are written.
         unsafe {
             asm!(
-                ".pushsection __rseq_cs, \"aw\"",
-                ".balign 32",
-                "3:",
-                ".long 0, 0",
-                ".quad 4f, (5f - 4f), 6f",
-                ".popsection",
-                "2:",
-                "lea {n}, [rip + 3b]",
-                "mov qword ptr fs:[{off} + 8], {n}",
-                "4:",
-                "mov {cpu}, qword ptr fs:[{off}]",
-                "test {cpu}, {cpu}",
-                "js 7f",
-                "mov {cpu:e}, {cpu:e}",
-                "cmp {cpu:e}, {ncpu:e}",
-                "jae 7f",
-                "mov {addr}, {cpu}",
-                "shl {addr}, 14",
-                "add {addr}, {lists}",
+                section_start!("n"),
                 "cmp qword ptr [{addr}], 0",
                 "jne 8f",
                 "mov {n}, qword ptr [{addr} + 8]",
@@ -358,10 +346,7 @@ mod imp {
                 "5:",
                 "xor {n:e}, {n:e}",
                 "jmp 9f",
-                ".byte 0x0f, 0xb9, 0x3d",
-                ".long 0x53053053",
-                "6:",
-                "jmp 2b",
+                abort_handler!(),
                 "7:",
                 "mov {cpu:e}, -1",
                 "8:",
