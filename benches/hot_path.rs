@@ -1,4 +1,4 @@
-//! The allocator's hot path against system malloc and jemalloc, side by side
+//! The allocator's hot path against system malloc, jemalloc and mimalloc, side by side
 //! in one run (DESIGN.md section 7: on a shared machine only the ratios mean
 //! much).
 //!
@@ -24,6 +24,7 @@ use tikv_jemallocator::Jemalloc;
 
 static SYSTEM: System = System;
 static JEMALLOC: Jemalloc = Jemalloc;
+static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static PERCPU: PerCpuAlloc = PerCpuAlloc::new();
 static PERCPU_FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
 
@@ -40,6 +41,11 @@ macro_rules! for_each_allocator {
         {
             let $name = "jemalloc";
             let $a = &JEMALLOC;
+            $body
+        }
+        {
+            let $name = "mimalloc";
+            let $a = &MIMALLOC;
             $body
         }
         {

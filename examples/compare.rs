@@ -1,6 +1,7 @@
-//! Side-by-side comparison of system malloc, jemalloc and percpu-alloc (on
-//! the rseq path and on the forced try-lock fallback), each installed as the
-//! process's global allocator, on a few allocation-heavy workloads.
+//! Side-by-side comparison of system malloc, jemalloc, mimalloc and
+//! percpu-alloc (on the rseq path and on the forced try-lock fallback), each
+//! installed as the process's global allocator, on a few allocation-heavy
+//! workloads.
 //!
 //! ```text
 //! cargo run --release --example compare                   # about a minute
@@ -17,7 +18,7 @@
 //!
 //! A binary has one global allocator, so this one installs a switch
 //! ([`Switch`]) that forwards every call to the allocator named by
-//! `PERCPU_COMPARE_ALLOC` (`system`, `jemalloc`, `percpu`,
+//! `PERCPU_COMPARE_ALLOC` (`system`, `jemalloc`, `mimalloc`, `percpu`,
 //! `percpu-fallback`; unset means `system`), read once on the first
 //! allocation. Run without `--child`, the program is the parent: it
 //! re-executes itself once per (round, workload, allocator), the
@@ -54,9 +55,10 @@ const ENV_VAR: &str = "PERCPU_COMPARE_ALLOC";
 const ENV_VAR_C: &[u8] = b"PERCPU_COMPARE_ALLOC\0";
 
 /// The allocators compared, in table order: (switch value, name).
-const ALLOCATORS: [(u8, &str); 4] = [
+const ALLOCATORS: [(u8, &str); 5] = [
     (SYSTEM_ID, "system"),
     (JEMALLOC_ID, "jemalloc"),
+    (MIMALLOC_ID, "mimalloc"),
     (PERCPU_ID, "percpu"),
     (FALLBACK_ID, "percpu-fallback"),
 ];
@@ -65,6 +67,7 @@ const SYSTEM_ID: u8 = 0;
 const JEMALLOC_ID: u8 = 1;
 const PERCPU_ID: u8 = 2;
 const FALLBACK_ID: u8 = 3;
+const MIMALLOC_ID: u8 = 4;
 /// `PERCPU_COMPARE_ALLOC` named no allocator; system malloc serves, and a
 /// child refuses to run.
 const UNKNOWN_ID: u8 = 254;
@@ -74,6 +77,7 @@ static CHOICE: AtomicU8 = AtomicU8::new(UNSET);
 
 static SYSTEM: System = System;
 static JEMALLOC: Jemalloc = Jemalloc;
+static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static PERCPU: PerCpuAlloc = PerCpuAlloc::new();
 static PERCPU_FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
 
@@ -150,6 +154,7 @@ macro_rules! forward {
     ($method:ident($($arg:expr),*)) => {
         match Switch::choice() {
             JEMALLOC_ID => JEMALLOC.$method($($arg),*),
+            MIMALLOC_ID => MIMALLOC.$method($($arg),*),
             PERCPU_ID => PERCPU.$method($($arg),*),
             FALLBACK_ID => PERCPU_FALLBACK.$method($($arg),*),
             _ => SYSTEM.$method($($arg),*),
@@ -459,7 +464,7 @@ fn run_workload(name: &str, scale: usize) -> Result<u64, String> {
 fn child(workload: &str, scale: usize) -> Result<(), String> {
     let alloc = Switch::name().ok_or_else(|| {
         format!(
-            "{ENV_VAR}={:?} names no allocator (system, jemalloc, percpu, percpu-fallback)",
+            "{ENV_VAR}={:?} names no allocator (system, jemalloc, mimalloc, percpu, percpu-fallback)",
             std::env::var_os(ENV_VAR).unwrap_or_default()
         )
     })?;

@@ -1,6 +1,7 @@
 //! The hot-path workloads of `benches/hot_path.rs`, measured as ratios that
 //! survive a noisy machine: each allocator runs a short chunk in turn
-//! (system, jemalloc, percpu rseq, percpu fallback, again and again), and
+//! (system, jemalloc, mimalloc, percpu rseq, percpu fallback, again and
+//! again), and
 //! the report is the median over rounds of each chunk's time divided by
 //! jemalloc's chunk of the same round. Slow phases of a shared host hit
 //! every allocator of a round alike, so the ratios move much less than the
@@ -15,6 +16,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::time::Instant;
 
+use mimalloc::MiMalloc;
 use percpu_alloc::{Config, Path, PerCpuAlloc};
 use tikv_jemallocator::Jemalloc;
 
@@ -98,8 +100,8 @@ fn main() {
         PERCPU.path()
     );
     println!();
-    println!("| workload | system ns | jemalloc ns | percpu rseq ns | percpu fallback ns | rseq / jemalloc | rseq / system | fallback / jemalloc |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| workload | system ns | jemalloc ns | mimalloc ns | percpu rseq ns | percpu fallback ns | rseq / jemalloc | rseq / system | rseq / mimalloc | fallback / jemalloc |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     // A fixed-seed xorshift: the same sizes and free order every run.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -119,27 +121,31 @@ fn main() {
             order.swap(i, (next() % (i as u64 + 1)) as usize);
         }
         let mut held = Vec::with_capacity(n);
-        let mut times: [Vec<f64>; 4] = Default::default();
-        let mut ratios: [Vec<f64>; 3] = Default::default();
+        let mut times: [Vec<f64>; 5] = Default::default();
+        let mut ratios: [Vec<f64>; 4] = Default::default();
         for _ in 0..rounds {
             let s = chunk(&System, n, &layouts, &order, &mut held);
             let j = chunk(&Jemalloc, n, &layouts, &order, &mut held);
+            let m = chunk(&MiMalloc, n, &layouts, &order, &mut held);
             let p = chunk(&PERCPU, n, &layouts, &order, &mut held);
             let f = chunk(&FALLBACK, n, &layouts, &order, &mut held);
-            for (v, t) in times.iter_mut().zip([s, j, p, f]) {
+            for (v, t) in times.iter_mut().zip([s, j, m, p, f]) {
                 v.push(t);
             }
             ratios[0].push(p / j);
             ratios[1].push(p / s);
-            ratios[2].push(f / j);
+            ratios[2].push(p / m);
+            ratios[3].push(f / j);
         }
         let name = if n == 1 {
             "hot pair, 64 B".to_string()
         } else {
             format!("batch of {n}")
         };
-        let [s, j, p, f] = times.map(median);
-        let [pj, ps, fj] = ratios.map(median);
-        println!("| {name} | {s:.1} | {j:.1} | {p:.1} | {f:.1} | {pj:.2} | {ps:.2} | {fj:.2} |");
+        let [s, j, m, p, f] = times.map(median);
+        let [pj, ps, pm, fj] = ratios.map(median);
+        println!(
+            "| {name} | {s:.1} | {j:.1} | {m:.1} | {p:.1} | {f:.1} | {pj:.2} | {ps:.2} | {pm:.2} | {fj:.2} |"
+        );
     }
 }
