@@ -302,19 +302,34 @@ fn take(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
 }
 
 /// The rseq path found the task list empty (or had no CPU): splice or miss.
+/// Kept small, because in a program that holds far more blocks than the
+/// cap every alloc comes here: the splice, rarely needed, is out of line.
 #[cold]
 #[inline(never)]
 fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
-    match splice_rseq(table, class, cpu) {
-        (block, _) if !block.is_null() => {
+    if cpu == u32::MAX {
+        return miss(table, class, None, zeroed);
+    }
+    let cpu = cpu as usize;
+    if table.cpu(cpu).lists[class].sig.len() >= table.header().threshold {
+        let block = splice_rseq_out_of_line(table, class, cpu);
+        if !block.is_null() {
             if zeroed {
                 // SAFETY: a cached block of this class; zeroing all of it
                 // covers any layout it serves.
                 unsafe { ptr::write_bytes(block, 0, crate::size_class::class_size(class)) };
             }
-            block
+            return block;
         }
-        (_, cpu) => miss(table, class, cpu, zeroed),
+    }
+    miss(table, class, Some(cpu), zeroed)
+}
+
+#[inline(never)]
+fn splice_rseq_out_of_line(table: &Table, class: Class, cpu: usize) -> *mut u8 {
+    match rules::splice_rseq(table, cpu, class) {
+        Alloc::Spliced(block) => block,
+        _ => ptr::null_mut(),
     }
 }
 
