@@ -31,21 +31,32 @@ pub type Class = usize;
 /// `LOOKUP[(size + 7) / 8]` is the class of `size`; entry 0 (size 0) maps to
 /// the smallest class, so a zero-sized request still gets a real block.
 /// A `const`, not a `static`: where the size is known at compile time (a
-/// `Box<T>`), the compiler folds the lookup away.
-const LOOKUP: [u8; MAX_CACHEABLE_SIZE / 8 + 1] = build_lookup();
+/// `Box<T>`), the compiler folds the lookup away. Padded to a power of two
+/// so that [`lookup`] indexes it with a mask instead of a bounds check,
+/// which leaves no panic path in `alloc` and `dealloc`.
+const LOOKUP: [u8; LOOKUP_LEN] = build_lookup();
+const LOOKUP_LEN: usize = 2048;
+const _: () = assert!(MAX_CACHEABLE_SIZE / 8 < LOOKUP_LEN);
 
-const fn build_lookup() -> [u8; MAX_CACHEABLE_SIZE / 8 + 1] {
-    let mut table = [0u8; MAX_CACHEABLE_SIZE / 8 + 1];
+const fn build_lookup() -> [u8; LOOKUP_LEN] {
+    let mut table = [0u8; LOOKUP_LEN];
     let mut i = 0;
     let mut class = 0;
     while i < table.len() {
-        while CLASS_SIZES[class] < i * 8 {
+        // Past the largest class (padding, never looked up) stay there.
+        while class + 1 < NUM_CLASSES && CLASS_SIZES[class] < i * 8 {
             class += 1;
         }
         table[i] = class as u8;
         i += 1;
     }
     table
+}
+
+/// The class of `size`, which must be at most [`MAX_CACHEABLE_SIZE`].
+#[inline(always)]
+fn lookup(size: usize) -> Class {
+    LOOKUP[((size + 7) >> 3) & (LOOKUP_LEN - 1)] as Class
 }
 
 /// The size of blocks of `class`.
@@ -70,7 +81,7 @@ pub const fn class_align(class: Class) -> usize {
 #[inline]
 pub fn class_of_size(size: usize) -> Option<Class> {
     if size <= MAX_CACHEABLE_SIZE {
-        Some(LOOKUP[(size + 7) >> 3] as Class)
+        Some(lookup(size))
     } else {
         None
     }
@@ -86,7 +97,8 @@ pub fn class_of(size: usize, align: usize, max_size: usize) -> Option<Class> {
     if align <= 8 {
         // Every class is at least 8-aligned: the common case is one lookup.
         if size <= max_size {
-            return Some(LOOKUP[(size + 7) >> 3] as Class);
+            // `max_size` is a class size, at most MAX_CACHEABLE_SIZE.
+            return Some(lookup(size));
         }
         return None;
     }
