@@ -311,7 +311,13 @@ fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut 
         return miss(table, class, None, zeroed);
     }
     let cpu = cpu as usize;
-    if table.cpu(cpu).lists[class].sig.len() >= table.header().threshold {
+    let threshold = table.header().threshold;
+    if table
+        .cpu(cpu)
+        .lists
+        .get(class)
+        .is_some_and(|l| l.sig.len() >= threshold)
+    {
         let block = splice_rseq_out_of_line(table, class, cpu);
         if !block.is_null() {
             if zeroed {
@@ -422,7 +428,7 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
                     table.class_base(class),
                     header.ncpu,
                     block,
-                    header.caps[class] as u32,
+                    header.cap(class),
                 )
             };
             match done {

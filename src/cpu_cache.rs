@@ -78,6 +78,15 @@ pub(crate) struct Header {
     len: usize,
 }
 
+impl Header {
+    /// The cap of `class`; 0 (everything overflows) for an index out of
+    /// range, which cannot happen but must not panic inside an allocator.
+    #[inline]
+    pub(crate) fn cap(&self, class: usize) -> u32 {
+        self.caps.get(class).map_or(0, |&c| c as u32)
+    }
+}
+
 /// The mapped table. Only ever used through a shared reference: all of its
 /// mutable state is atomics.
 #[repr(transparent)]

@@ -65,10 +65,14 @@ pub(crate) enum Free {
 #[inline]
 pub(crate) fn alloc_locked(table: &Table, cpu: usize, class: Class) -> Alloc {
     let cache = table.cpu(cpu);
+    // Classes come from the size-class table and are always in range; an
+    // allocator must still not panic, so a bad one is a miss.
+    let Some(lists) = cache.lists.get(class) else {
+        return Alloc::Miss;
+    };
     if !cache.try_lock() {
         return Alloc::Busy;
     }
-    let lists = &cache.lists[class];
     let mut word = lists.task.load(Ordering::Relaxed);
     let mut spliced = false;
     if word == 0 {
@@ -109,17 +113,19 @@ pub(crate) unsafe fn free_locked(
         // SAFETY: passed on from our caller.
         Context::Signal => unsafe { free_signal(table, cache, class, block) },
         Context::Task => {
+            let Some(lists) = cache.lists.get(class) else {
+                return Free::Other;
+            };
             if !cache.try_lock() {
                 // Someone on this CPU is mid-operation (a thread preempted
                 // holding the slot, or the code this signal interrupted).
                 // SAFETY: passed on from our caller.
                 return unsafe { free_signal(table, cache, class, block) };
             }
-            let lists = &cache.lists[class];
             let word = lists.task.load(Ordering::Relaxed);
             // The fallback path keeps no front slots: the list is all of it.
             let n = list_len(word);
-            let cap = table.header().caps[class] as u32;
+            let cap = table.header().cap(class);
             let result = if n + lists.sig.len() >= cap {
                 Free::Overflow
             } else {
@@ -150,8 +156,14 @@ pub(crate) unsafe fn free_signal(
     class: Class,
     block: *mut u8,
 ) -> Free {
-    let lists = &cache.lists[class];
-    let cap = table.header().caps[class] as u32;
+    let Some(lists) = cache.lists.get(class) else {
+        // Cannot happen (see `alloc_locked`); signal context must not call
+        // jemalloc, so the block waits on the deferred list.
+        // SAFETY: passed on from our caller.
+        unsafe { cache.deferred.push_saturating(block) };
+        return Free::Deferred;
+    };
+    let cap = table.header().cap(class);
     let full = |n_sig: u32| task_len(lists.task.load(Ordering::Relaxed)) + n_sig >= cap;
     // SAFETY: passed on from our caller.
     if unsafe { lists.sig.push_unless(block, full) } {
@@ -175,9 +187,10 @@ pub(crate) unsafe fn free_signal(
 #[inline]
 pub(crate) fn splice_rseq(table: &Table, cpu: usize, class: Class) -> Alloc {
     let cache = table.cpu(cpu);
-    let word = cache.lists[class]
-        .sig
-        .take_if_at_least(table.header().threshold);
+    let Some(lists) = cache.lists.get(class) else {
+        return Alloc::Miss;
+    };
+    let word = lists.sig.take_if_at_least(table.header().threshold);
     let block = head(word);
     if block.is_null() {
         return Alloc::Miss;
@@ -193,7 +206,7 @@ pub(crate) fn splice_rseq(table: &Table, cpu: usize, class: Class) -> Alloc {
                 table.class_base(class),
                 header.ncpu,
                 rest,
-                header.caps[class] as u32,
+                header.cap(class),
             )
         };
         if done != crate::rseq::Done::Committed {
