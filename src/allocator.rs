@@ -170,7 +170,7 @@ impl PerCpuAlloc {
             None => return ptr::null_mut(),
         };
         match class_of(layout.size(), layout.align(), table.header().max_size) {
-            Some(class) => take(table, class).0,
+            Some(class) => take(table, class),
             None => ptr::null_mut(),
         }
     }
@@ -282,71 +282,69 @@ impl Drop for PerCpuAlloc {
     }
 }
 
-/// Takes a cached block of `class` on the current CPU: a hit, or a splice.
-/// Returns null on a miss, with the CPU looked at (if any).
+/// Takes a cached block of `class` on the current CPU: a hit, or a splice;
+/// null on a miss. Never calls jemalloc (`alloc_cached`).
 #[inline]
-fn take(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
+fn take(table: &Table, class: Class) -> *mut u8 {
     let header = table.header();
     match header.path {
         Path::Rseq => {
             // SAFETY: the table is live and on the rseq path.
             let (block, cpu) =
                 unsafe { rseq::pop(header.rseq_offset, table.class_base(class), header.ncpu) };
-            if !block.is_null() {
-                return (block, Some(cpu as usize));
+            if !block.is_null() || cpu == u32::MAX {
+                return block;
             }
-            splice_rseq(table, class, cpu)
+            splice_if_due(table, class, cpu as usize)
         }
-        Path::Fallback => take_locked(table, class),
+        Path::Fallback => take_locked(table, class).0,
     }
 }
 
 /// The rseq path found the task list empty (or had no CPU): splice or miss.
 /// Kept small, because in a program that holds far more blocks than the
-/// cap every alloc comes here: the splice, rarely needed, is out of line.
+/// cap every alloc comes here.
 #[cold]
 #[inline(never)]
 fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
     if cpu == u32::MAX {
         return miss(table, class, None, zeroed);
     }
-    let cpu = cpu as usize;
+    let block = splice_if_due(table, class, cpu as usize);
+    if block.is_null() {
+        return miss(table, class, Some(cpu as usize), zeroed);
+    }
+    if zeroed {
+        // SAFETY: a cached block of this class; zeroing all of it covers
+        // any layout it serves.
+        unsafe { ptr::write_bytes(block, 0, crate::size_class::class_size(class)) };
+    }
+    block
+}
+
+/// Rule 1 of alloc on the rseq path, after the task list of `cpu` was found
+/// empty: splice if the signal list has reached the threshold. The length
+/// check is inline; the splice itself, rarely needed, is out of line.
+#[inline]
+fn splice_if_due(table: &Table, class: Class, cpu: usize) -> *mut u8 {
     let threshold = table.header().threshold;
-    if table
+    let due = table
         .cpu(cpu)
         .lists
         .get(class)
-        .is_some_and(|l| l.sig.len() >= threshold)
-    {
-        let block = splice_rseq_out_of_line(table, class, cpu);
-        if !block.is_null() {
-            if zeroed {
-                // SAFETY: a cached block of this class; zeroing all of it
-                // covers any layout it serves.
-                unsafe { ptr::write_bytes(block, 0, crate::size_class::class_size(class)) };
-            }
-            return block;
-        }
+        .is_some_and(|l| l.sig.len() >= threshold);
+    if due {
+        splice_out_of_line(table, class, cpu)
+    } else {
+        ptr::null_mut()
     }
-    miss(table, class, Some(cpu), zeroed)
 }
 
 #[inline(never)]
-fn splice_rseq_out_of_line(table: &Table, class: Class, cpu: usize) -> *mut u8 {
+fn splice_out_of_line(table: &Table, class: Class, cpu: usize) -> *mut u8 {
     match rules::splice_rseq(table, cpu, class) {
         Alloc::Spliced(block) => block,
         _ => ptr::null_mut(),
-    }
-}
-
-#[inline]
-fn splice_rseq(table: &Table, class: Class, cpu: u32) -> (*mut u8, Option<usize>) {
-    if cpu == u32::MAX {
-        return (ptr::null_mut(), None);
-    }
-    match rules::splice_rseq(table, cpu as usize, class) {
-        Alloc::Spliced(block) => (block, Some(cpu as usize)),
-        _ => (ptr::null_mut(), Some(cpu as usize)),
     }
 }
 
