@@ -10,12 +10,13 @@ use crate::config::Config;
 use crate::context::{current_context, Context};
 use crate::cpu_cache::Table;
 use crate::drain;
+use crate::env;
 use crate::fallback;
 use crate::free_list::fits;
 use crate::rseq::{self, Done};
 use crate::rules::{self, Alloc, Free};
 use crate::size_class::{class_of, Class};
-use crate::stats::{self, ListCounts, Path, Snapshot, TrimReport};
+use crate::stats::{self, Counters, Event, ListCounts, Path, Snapshot, Stats, TrimReport};
 
 /// A global allocator with per-CPU, per-size-class caches in front of
 /// jemalloc.
@@ -73,6 +74,23 @@ impl PerCpuAlloc {
         &self.config
     }
 
+    /// The configuration in force: [`config`](Self::config) with the
+    /// environment's overrides applied (see [`Config::read_env`]), as
+    /// resolved when the caches were made (this call makes them).
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, PerCpuAlloc};
+    ///
+    /// let alloc = PerCpuAlloc::with_config(Config::new().cap(64).read_env(false));
+    /// assert_eq!(alloc.active_config().base_cap(), 64);
+    /// ```
+    pub fn active_config(&self) -> Config {
+        match self.table() {
+            Some(table) => table.header().config,
+            None => self.config,
+        }
+    }
+
     /// Which per-CPU path is live. Decided once, on first use (this call
     /// counts): rseq if glibc registered it for the calling thread and the
     /// fallback is not forced, else the fallback.
@@ -128,9 +146,55 @@ impl PerCpuAlloc {
     }
 
     /// The most bytes one CPU can cache: the sum over classes of cap x
-    /// class size. Multiply by [`cpus`](Self::cpus) for the process.
-    pub const fn cpu_bound_bytes(&self) -> usize {
-        self.config.cpu_bound_bytes()
+    /// class size, from the [configuration in force](Self::active_config).
+    /// Multiply by [`cpus`](Self::cpus) for the process.
+    ///
+    /// ```
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// assert!(alloc.cpu_bound_bytes() <= 1536 * 1024);
+    /// assert!(alloc.cached_bytes() <= alloc.cpu_bound_bytes() * alloc.cpus());
+    /// ```
+    pub fn cpu_bound_bytes(&self) -> usize {
+        self.active_config().cpu_bound_bytes()
+    }
+
+    /// The event counters of `cpu` for class index `class` (all zero
+    /// without the `stats` feature), or `None` if either is out of range.
+    pub fn counters(&self, cpu: usize, class: usize) -> Option<Counters> {
+        let table = self.table()?;
+        if cpu >= table.header().ncpu as usize || class >= crate::NUM_CLASSES {
+            return None;
+        }
+        Some(stats::counters(table, cpu, class))
+    }
+
+    /// A summary of the caches: event totals (with the `stats` feature),
+    /// every class, the busiest CPUs, and what is cached now. Allocates
+    /// nothing; its `Display` is a table.
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    ///
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// let layout = Layout::from_size_align(64, 8).unwrap();
+    /// // SAFETY: a valid layout; each block is freed with the same one.
+    /// unsafe {
+    ///     for _ in 0..3 {
+    ///         alloc.dealloc(alloc.alloc(layout), layout);
+    ///     }
+    /// }
+    /// let stats = alloc.stats();
+    /// if stats.counting {
+    ///     // One miss, then two hits (or misses where the cache was busy).
+    ///     assert_eq!(stats.totals.allocs() + stats.no_cpu, 3);
+    /// }
+    /// eprintln!("{stats}");
+    /// ```
+    pub fn stats(&self) -> Stats {
+        match self.table_if_made() {
+            Some(table) => Stats::collect(table),
+            None => Stats::empty(self.path()),
+        }
     }
 
     /// Gives every cached block of every CPU back to jemalloc, including
@@ -153,6 +217,31 @@ impl PerCpuAlloc {
             Some(table) => drain::trim(table),
             None => TrimReport::default(),
         }
+    }
+
+    /// Gives the calling thread's current CPU's cached blocks back to
+    /// jemalloc: the cheap trim, for a thread about to go idle. Safe while
+    /// other threads allocate, like [`trim`](Self::trim). The thread may
+    /// move meanwhile; the CPU it was on when it asked is the one trimmed.
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    ///
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// let layout = Layout::from_size_align(32, 8).unwrap();
+    /// // SAFETY: a valid layout; the block is freed with the same one.
+    /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+    /// let report = alloc.trim_current_cpu();
+    /// assert!(report.blocks <= 1);
+    /// ```
+    pub fn trim_current_cpu(&self) -> TrimReport {
+        let mut report = TrimReport::default();
+        if let Some(table) = self.table_if_made() {
+            if let Some(cpu) = current_cpu(table) {
+                drain::trim_cpu(table, cpu, &mut report);
+            }
+        }
+        report
     }
 
     /// Allocates from the cache only: a block of the current CPU's task
@@ -197,11 +286,17 @@ impl PerCpuAlloc {
     #[cold]
     #[inline(never)]
     fn make_table(&self) -> Option<&Table> {
-        let (path, offset) = match (self.config.fallback_forced(), rseq::registered()) {
+        let (config, print_stats) = if self.config.reads_env() {
+            let overrides = env::overrides();
+            (overrides.apply(self.config), overrides.print_stats)
+        } else {
+            (self.config, false)
+        };
+        let (path, offset) = match (config.fallback_forced(), rseq::registered()) {
             (false, Some(offset)) => (Path::Rseq, offset),
             _ => (Path::Fallback, 0),
         };
-        let new = Table::create(&self.config, path, offset);
+        let new = Table::create(&config, path, offset);
         if new.is_null() {
             return None;
         }
@@ -210,8 +305,12 @@ impl PerCpuAlloc {
             .compare_exchange(ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
+                Table::register(new);
                 if path == Path::Fallback {
-                    fallback::watch_forks(new);
+                    fallback::watch_forks();
+                }
+                if print_stats {
+                    stats::print_at_exit();
                 }
                 // SAFETY: just published; lives as long as `self`.
                 Some(unsafe { &*new })
@@ -239,6 +338,7 @@ impl PerCpuAlloc {
                         if block.is_null() {
                             return alloc_slow_rseq(table, class, cpu, zeroed);
                         }
+                        stats::count(table, Some(cpu as usize), class, Event::Hit);
                         block
                     }
                     Path::Fallback => {
@@ -271,7 +371,7 @@ impl Drop for PerCpuAlloc {
     fn drop(&mut self) {
         let table = *self.table.get_mut();
         if !table.is_null() {
-            fallback::unwatch_forks(table);
+            Table::unregister(table);
             // SAFETY: `&mut self`: no call into this allocator is running,
             // and none can start, so the table is ours to empty and unmap.
             unsafe {
@@ -292,7 +392,11 @@ fn take(table: &Table, class: Class) -> *mut u8 {
             // SAFETY: the table is live and on the rseq path.
             let (block, cpu) =
                 unsafe { rseq::pop(header.rseq_offset, table.class_base(class), header.ncpu) };
-            if !block.is_null() || cpu == u32::MAX {
+            if cpu == u32::MAX {
+                return block;
+            }
+            if !block.is_null() {
+                stats::count(table, Some(cpu as usize), class, Event::Hit);
                 return block;
             }
             splice_if_due(table, class, cpu as usize)
@@ -343,7 +447,10 @@ fn splice_if_due(table: &Table, class: Class, cpu: usize) -> *mut u8 {
 #[inline(never)]
 fn splice_out_of_line(table: &Table, class: Class, cpu: usize) -> *mut u8 {
     match rules::splice_rseq(table, cpu, class) {
-        Alloc::Spliced(block) => block,
+        Alloc::Spliced(block) => {
+            stats::count(table, Some(cpu), class, Event::Splice);
+            block
+        }
         _ => ptr::null_mut(),
     }
 }
@@ -355,16 +462,20 @@ fn take_locked(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
         Some(cpu) => cpu,
         None => return (ptr::null_mut(), None),
     };
-    match rules::alloc_locked(table, cpu, class) {
-        Alloc::Hit(block) | Alloc::Spliced(block) => (block, Some(cpu)),
-        Alloc::Miss | Alloc::Busy => (ptr::null_mut(), Some(cpu)),
-    }
+    let (block, event) = match rules::alloc_locked(table, cpu, class) {
+        Alloc::Hit(block) => (block, Event::Hit),
+        Alloc::Spliced(block) => (block, Event::Splice),
+        Alloc::Miss | Alloc::Busy => return (ptr::null_mut(), Some(cpu)),
+    };
+    stats::count(table, Some(cpu), class, event);
+    (block, Some(cpu))
 }
 
 /// A miss: a fresh block from jemalloc, outside any critical section or
 /// slot. Task context also hands back the CPU's deferred blocks first.
 #[inline]
 fn miss(table: &Table, class: Class, cpu: Option<usize>, zeroed: bool) -> *mut u8 {
+    stats::count(table, cpu, class, Event::Miss);
     if let Some(cpu) = cpu {
         if current_context() == Context::Task {
             return_deferred(table, cpu);
@@ -429,12 +540,20 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
                     header.cap(class),
                 )
             };
+            let cpu = cpu as usize;
             match done {
-                Done::Committed => {}
-                // SAFETY: the cache refused our block; it is still ours.
-                Done::Refused => unsafe { overflow(table, class, block, Some(cpu as usize)) },
-                // SAFETY: as above.
-                Done::NoCpu => unsafe { overflow(table, class, block, None) },
+                Done::Committed => stats::count(table, Some(cpu), class, Event::FreeTask),
+                Done::Refused => {
+                    stats::count(table, Some(cpu), class, Event::FreeTask);
+                    stats::count(table, Some(cpu), class, Event::Overflow);
+                    // SAFETY: the cache refused our block; it is still ours.
+                    unsafe { overflow(table, class, block, Some(cpu)) };
+                }
+                Done::NoCpu => {
+                    stats::count(table, None, class, Event::FreeOther);
+                    // SAFETY: as above.
+                    unsafe { overflow(table, class, block, None) };
+                }
             }
         }
         (Path::Rseq, Context::Signal) => {
@@ -444,7 +563,8 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
                 .filter(|&c| c < header.ncpu)
                 .unwrap_or(0) as usize;
             // SAFETY: we own the block and it fits a list word.
-            let _ = unsafe { rules::free_signal(table, table.cpu(cpu), class, block) };
+            let free = unsafe { rules::free_signal(table, table.cpu(cpu), class, block) };
+            count_free(table, Some(cpu), class, ctx, free);
         }
         (Path::Fallback, _) | (_, Context::Other) => {
             let cpu = fallback::current_cpu(header.ncpu);
@@ -457,11 +577,40 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
                 },
                 (None, _) => Free::Other,
             };
+            count_free(table, cpu, class, ctx, free);
             if let Free::Overflow | Free::Other = free {
                 // SAFETY: the cache refused our block; it is still ours.
                 unsafe { overflow(table, class, block, cpu) };
             }
         }
+    }
+}
+
+/// Counts a free by its context and, past the cap, by what became of it.
+#[inline(always)]
+fn count_free(table: &Table, cpu: Option<usize>, class: Class, ctx: Context, free: Free) {
+    let by_context = match (free, ctx) {
+        // No CPU, or the context says so: other context either way.
+        (Free::Other, _) | (_, Context::Other) => Event::FreeOther,
+        (_, Context::Task) => Event::FreeTask,
+        (_, Context::Signal) => Event::FreeSignal,
+    };
+    stats::count(table, cpu, class, by_context);
+    match free {
+        Free::Overflow => stats::count(table, cpu, class, Event::Overflow),
+        Free::Deferred => stats::count(table, cpu, class, Event::Deferred),
+        Free::Task | Free::Signal | Free::Other => {}
+    }
+}
+
+/// The CPU the calling thread runs on now, by the table's path.
+fn current_cpu(table: &Table) -> Option<usize> {
+    let header = table.header();
+    match header.path {
+        Path::Rseq => rseq::cpu_id(header.rseq_offset)
+            .filter(|&c| c < header.ncpu)
+            .map(|c| c as usize),
+        Path::Fallback => fallback::current_cpu(header.ncpu),
     }
 }
 

@@ -27,6 +27,7 @@ pub struct Config {
     max_cached_size: usize,
     cpu_byte_budget: usize,
     force_fallback: bool,
+    read_env: bool,
 }
 
 impl Config {
@@ -52,6 +53,7 @@ impl Config {
             max_cached_size: Self::DEFAULT_MAX_CACHED_SIZE,
             cpu_byte_budget: Self::DEFAULT_CPU_BYTE_BUDGET,
             force_fallback: false,
+            read_env: true,
         }
     }
 
@@ -102,6 +104,40 @@ impl Config {
     pub const fn force_fallback(mut self, yes: bool) -> Self {
         self.force_fallback = yes;
         self
+    }
+
+    /// Let the environment override this configuration (the default), or
+    /// not. The variables, read once per process when the first allocator
+    /// makes its caches:
+    ///
+    /// | variable | overrides | values |
+    /// |---|---|---|
+    /// | `PERCPU_SPLICE_THRESHOLD` | [`splice_threshold`](Self::splice_threshold) | 1 to 1000 |
+    /// | `PERCPU_CAP` | [`cap`](Self::cap) | 0 to 1000 |
+    /// | `PERCPU_MAX_CACHED_SIZE` | [`max_cached_size`](Self::max_cached_size) | 0 to 14336 |
+    /// | `PERCPU_CPU_BYTE_BUDGET` | [`cpu_byte_budget`](Self::cpu_byte_budget) | bytes, `k`/`m`/`g` suffixes |
+    /// | `PERCPU_FORCE_FALLBACK` | [`force_fallback`](Self::force_fallback) | 1/0, true/false, yes/no, on/off |
+    /// | `PERCPU_STATS` | prints [`Stats`](crate::Stats) to stderr at exit | as above |
+    ///
+    /// A bad value is reported on standard error and ignored. The
+    /// configuration in force is
+    /// [`PerCpuAlloc::active_config`](crate::PerCpuAlloc::active_config).
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, PerCpuAlloc};
+    ///
+    /// // This instance keeps its cap whatever PERCPU_CAP says.
+    /// static PINNED: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().cap(32).read_env(false));
+    /// assert_eq!(PINNED.active_config().base_cap(), 32);
+    /// ```
+    pub const fn read_env(mut self, yes: bool) -> Self {
+        self.read_env = yes;
+        self
+    }
+
+    /// Whether the environment may override this configuration.
+    pub const fn reads_env(&self) -> bool {
+        self.read_env
     }
 
     /// The splice threshold.

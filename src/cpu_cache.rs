@@ -6,11 +6,12 @@
 //! a shift. Zeroed memory is a valid table of empty caches, and the pages of
 //! CPUs never used are never touched.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use crate::config::Config;
 use crate::free_list::{AtomicList, FRONT_SLOTS};
 use crate::size_class::NUM_CLASSES;
+use crate::stats::EVENTS;
 use crate::Path;
 
 /// Per CPU, per class: the task list and the signal list, then the task
@@ -43,13 +44,24 @@ pub(crate) struct CpuCache {
     /// Blocks freed in signal context past the cap: jemalloc is not
     /// async-signal-safe, so task context hands them back later.
     pub(crate) deferred: AtomicList,
+    /// Event counters per class (the `stats` feature; zero without it).
+    /// After the lists, so a build without counters never touches their
+    /// page.
+    pub(crate) counters: [ClassCounters; NUM_CLASSES],
 }
+
+/// One class's event counters on one CPU, indexed by
+/// [`Event`](crate::stats::Event): one cache line, written only by threads
+/// running on that CPU (or just migrated off it).
+#[repr(C, align(64))]
+pub(crate) struct ClassCounters(pub(crate) [AtomicU64; EVENTS]);
 
 /// log2 of the distance between two CPUs' caches.
 pub(crate) const STRIDE_SHIFT: u32 = 14;
 const _: () = assert!(core::mem::size_of::<CpuCache>() <= 1 << STRIDE_SHIFT);
 const _: () = assert!(core::mem::size_of::<ClassLists>() == 256);
 const _: () = assert!(FRONT_SLOTS < 32);
+const _: () = assert!(core::mem::size_of::<ClassCounters>() == 64);
 
 /// Bytes before the first CPU's cache.
 const HEADER_SIZE: usize = 256;
@@ -76,6 +88,12 @@ pub(crate) struct Header {
     pub(crate) caps: [u16; NUM_CLASSES],
     /// Length of the mapping.
     len: usize,
+    /// The configuration in force: the allocator's, with the environment's
+    /// overrides applied.
+    pub(crate) config: Config,
+    /// Operations that found no usable CPU (no rseq area on the thread, or
+    /// a CPU beyond the table), counted with the `stats` feature.
+    pub(crate) no_cpu: AtomicU64,
 }
 
 impl Header {
@@ -123,6 +141,8 @@ impl Table {
             path,
             caps,
             len,
+            config: *config,
+            no_cpu: AtomicU64::new(0),
         };
         // SAFETY: the mapping is fresh, page-aligned and longer than the
         // header; the zeroed rest is a valid set of empty caches.
@@ -175,6 +195,53 @@ impl Table {
     #[inline]
     pub(crate) fn cpus(&self) -> core::ops::Range<usize> {
         0..self.0.ncpu as usize
+    }
+}
+
+/// Live tables, for the fork handler and the statistics printed at exit.
+/// A table that finds no room still works; only those two miss it.
+static REGISTRY: [AtomicPtr<Table>; 32] = [const { AtomicPtr::new(core::ptr::null_mut()) }; 32];
+
+impl Table {
+    /// Adds a published table to the registry.
+    pub(crate) fn register(table: *mut Table) {
+        for entry in &REGISTRY {
+            let free = core::ptr::null_mut();
+            if entry
+                .compare_exchange(free, table, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Removes a table from the registry before it is unmapped.
+    pub(crate) fn unregister(table: *mut Table) {
+        for entry in &REGISTRY {
+            let _ = entry.compare_exchange(
+                table,
+                core::ptr::null_mut(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Calls `f` on every registered table.
+    ///
+    /// Tables are unregistered before their allocator unmaps them (in its
+    /// `Drop`, which needs `&mut`), so a table seen here stays mapped as
+    /// long as no thread drops its allocator meanwhile: the callers run
+    /// with one thread (after fork) or at exit.
+    pub(crate) fn for_each_registered(mut f: impl FnMut(&Table)) {
+        for entry in &REGISTRY {
+            let table = entry.load(Ordering::Acquire);
+            if !table.is_null() {
+                // SAFETY: registered tables are mapped (see above).
+                f(unsafe { &*table });
+            }
+        }
     }
 }
 

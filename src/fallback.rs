@@ -17,31 +17,15 @@
 //! is intact (a block that holder was freeing is lost to the child, never
 //! handed out twice).
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cpu_cache::Table;
+use crate::Path;
 
-/// The fallback tables the fork handler must reach. A table that finds no
-/// room still works; only its slots are not reset after a fork.
-static TABLES: [AtomicPtr<Table>; 32] = [const { AtomicPtr::new(core::ptr::null_mut()) }; 32];
-
-/// Registers a new fallback table with the fork handler (installing the
-/// handler on first use). Called once per table, outside any slot.
-pub(crate) fn watch_forks(table: *mut Table) {
+/// Installs the fork handler, once. Called for each new fallback table,
+/// after it is registered ([`Table::register`]) and outside any slot.
+pub(crate) fn watch_forks() {
     static INSTALLED: AtomicBool = AtomicBool::new(false);
-    for entry in &TABLES {
-        if entry
-            .compare_exchange(
-                core::ptr::null_mut(),
-                table,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
-            .is_ok()
-        {
-            break;
-        }
-    }
     if !INSTALLED.swap(true, Ordering::AcqRel) {
         // SAFETY: registers a plain function; glibc may allocate its list
         // node through this allocator, whose table is already published.
@@ -49,27 +33,12 @@ pub(crate) fn watch_forks(table: *mut Table) {
     }
 }
 
-/// Forgets a table before it is unmapped.
-pub(crate) fn unwatch_forks(table: *mut Table) {
-    for entry in &TABLES {
-        let _ = entry.compare_exchange(
-            table,
-            core::ptr::null_mut(),
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
-    }
-}
-
 extern "C" fn release_slots_in_child() {
-    for entry in &TABLES {
-        let table = entry.load(Ordering::Acquire);
-        if table.is_null() {
-            continue;
+    // The child has a single thread, so no table can be unregistered now.
+    Table::for_each_registered(|table| {
+        if table.header().path != Path::Fallback {
+            return;
         }
-        // SAFETY: registered tables stay mapped until unregistered, and the
-        // child has a single thread, so none can be unregistered now.
-        let table = unsafe { &*table };
         for cpu in table.cpus() {
             let cache = table.cpu(cpu);
             // Read first: writing every slot would touch every CPU's page.
@@ -77,7 +46,7 @@ extern "C" fn release_slots_in_child() {
                 cache.unlock();
             }
         }
-    }
+    });
 }
 
 /// The CPU this thread runs on, if below `ncpu`.

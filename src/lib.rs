@@ -34,7 +34,8 @@
 //! Layout of the crate: `rules` (the rules engine), `size_class`,
 //! `free_list` (lists in one word), `cpu_cache` (the per-CPU table), `rseq`
 //! and `fallback` (per-CPU exclusion), `context` (task, signal, other),
-//! `backend` (jemalloc), `drain` (trim and teardown), `stats`.
+//! `backend` (jemalloc), `drain` (trim and teardown), `stats` (counters
+//! and summaries), `env` (configuration from the environment).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -45,6 +46,7 @@ mod config;
 mod context;
 mod cpu_cache;
 mod drain;
+mod env;
 mod fallback;
 mod free_list;
 mod rseq;
@@ -59,7 +61,7 @@ pub use context::{
     SignalHandler,
 };
 pub use size_class::{CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_CLASSES};
-pub use stats::{ListCounts, Path, Snapshot, TrimReport};
+pub use stats::{ClassStats, Counters, CpuStats, ListCounts, Path, Snapshot, Stats, TrimReport};
 
 /// The global allocator installed by the `global` feature: a default
 /// [`PerCpuAlloc`]. Use it to read stats or trim:

@@ -1,9 +1,11 @@
-//! Introspection: which per-CPU path is live, what each cache holds, and
-//! what trimming released. Everything here reads the caches in place and
+//! Introspection: which per-CPU path is live, what each cache holds, what
+//! the caches did (event counters, with the `stats` feature), and what
+//! trimming released. Everything here reads the caches in place and
 //! allocates nothing, so it can be called from anywhere, including while
-//! the allocator is the global one and other threads use it.
+//! the allocator is the global one and other threads use it, and at exit.
 
-use core::sync::atomic::Ordering;
+use core::fmt::{self, Write as _};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cpu_cache::Table;
 use crate::free_list::task_len;
@@ -115,4 +117,541 @@ pub struct TrimReport {
     pub deferred_blocks: usize,
     /// CPUs whose task lists could not be reached (see `trim`).
     pub cpus_skipped: usize,
+}
+
+/// What the caches count, one counter each per CPU and class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub(crate) enum Event {
+    Hit,
+    Splice,
+    Miss,
+    FreeTask,
+    FreeSignal,
+    FreeOther,
+    Overflow,
+    Deferred,
+}
+
+/// How many kinds of [`Event`] there are.
+pub(crate) const EVENTS: usize = 8;
+
+/// Whether this build counts events (the `stats` feature).
+pub(crate) const COUNTING: bool = cfg!(feature = "stats");
+
+/// Counts `event` for `class` on `cpu` (`None`: no usable CPU). Compiles to
+/// nothing without the `stats` feature.
+///
+/// A relaxed `fetch_add`: the line is the CPU's own, so it is uncontended
+/// but for a thread that migrated between reading its CPU and counting,
+/// and a count is never lost.
+#[inline(always)]
+pub(crate) fn count(table: &Table, cpu: Option<usize>, class: Class, event: Event) {
+    if !COUNTING {
+        return;
+    }
+    let counter = match cpu {
+        Some(cpu) => match table.cpu(cpu).counters.get(class) {
+            Some(c) => &c.0[event as usize],
+            None => return,
+        },
+        None => &table.header().no_cpu,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Event counts of the cache (one CPU and class, or summed). All zero in a
+/// build without the `stats` feature.
+///
+/// An alloc is exactly one of a hit, a splice or a miss; a free is
+/// exactly one of a task, signal or other free, and may also be an
+/// overflow (task context, the list at its cap: the block went to
+/// jemalloc) or deferred (signal context at the cap: the block waits for
+/// task context to give it to jemalloc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Allocs served from the task list.
+    pub hits: u64,
+    /// Allocs that spliced the signal list onto the empty task list.
+    pub splices: u64,
+    /// Allocs the cache could not serve: they went to jemalloc.
+    pub misses: u64,
+    /// Frees in task context.
+    pub frees_task: u64,
+    /// Frees in signal context.
+    pub frees_signal: u64,
+    /// Frees in other context (no CPU, or a CPU beyond the table): to
+    /// jemalloc.
+    pub frees_other: u64,
+    /// Task-context frees that found the class at its cap: to jemalloc.
+    pub overflows: u64,
+    /// Signal-context frees that found the class at its cap: deferred.
+    pub deferred: u64,
+}
+
+impl Counters {
+    fn read(counters: &crate::cpu_cache::ClassCounters) -> Counters {
+        let get = |e: Event| counters.0[e as usize].load(Ordering::Relaxed);
+        Counters {
+            hits: get(Event::Hit),
+            splices: get(Event::Splice),
+            misses: get(Event::Miss),
+            frees_task: get(Event::FreeTask),
+            frees_signal: get(Event::FreeSignal),
+            frees_other: get(Event::FreeOther),
+            overflows: get(Event::Overflow),
+            deferred: get(Event::Deferred),
+        }
+    }
+
+    /// Every alloc counted: hits, splices and misses.
+    pub fn allocs(&self) -> u64 {
+        self.hits + self.splices + self.misses
+    }
+
+    /// Every free counted, in any context.
+    pub fn frees(&self) -> u64 {
+        self.frees_task + self.frees_signal + self.frees_other
+    }
+
+    /// The share of allocs the cache served (hits and splices), 0 to 1.
+    pub fn hit_rate(&self) -> f64 {
+        match self.allocs() {
+            0 => 0.0,
+            n => (self.hits + self.splices) as f64 / n as f64,
+        }
+    }
+}
+
+impl core::ops::AddAssign for Counters {
+    fn add_assign(&mut self, o: Counters) {
+        self.hits += o.hits;
+        self.splices += o.splices;
+        self.misses += o.misses;
+        self.frees_task += o.frees_task;
+        self.frees_signal += o.frees_signal;
+        self.frees_other += o.frees_other;
+        self.overflows += o.overflows;
+        self.deferred += o.deferred;
+    }
+}
+
+pub(crate) fn counters(table: &Table, cpu: usize, class: Class) -> Counters {
+    table
+        .cpu(cpu)
+        .counters
+        .get(class)
+        .map_or_else(Counters::default, Counters::read)
+}
+
+/// One class over every CPU, in [`Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassStats {
+    /// The class's block size in bytes (0 for a class not cached).
+    pub class_size: usize,
+    /// Its cap on one CPU.
+    pub cap: u32,
+    /// Its events, summed over CPUs.
+    pub counters: Counters,
+    /// Blocks cached now, over CPUs (task and signal lists).
+    pub cached_blocks: u64,
+}
+
+/// One CPU over every class, in [`Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuStats {
+    /// The CPU.
+    pub cpu: usize,
+    /// Its events, summed over classes.
+    pub counters: Counters,
+    /// Bytes cached on it now.
+    pub cached_bytes: u64,
+}
+
+impl CpuStats {
+    fn ops(&self) -> u64 {
+        self.counters.allocs() + self.counters.frees()
+    }
+}
+
+/// How many CPUs [`Stats::busiest_cpus`] keeps.
+const BUSIEST: usize = 8;
+
+/// A summary of the caches, collected without allocating: totals, every
+/// class, and the busiest CPUs. From
+/// [`PerCpuAlloc::stats`](crate::PerCpuAlloc::stats); its `Display` is a
+/// table for people.
+///
+/// Each counter is read once as the collection goes, so while other
+/// threads run the figures are a moment's reading, not a consistent cut.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    /// Which per-CPU path is live.
+    pub path: Path,
+    /// Whether this build counts events (the `stats` feature). Without
+    /// it every counter reads 0 and only the cached figures are real.
+    pub counting: bool,
+    /// CPUs covered by the caches.
+    pub cpus: usize,
+    /// The splice threshold in force.
+    pub threshold: u32,
+    /// The largest cached size in force.
+    pub max_cached_size: usize,
+    /// The most bytes one CPU can cache.
+    pub cpu_bound_bytes: usize,
+    /// Every CPU and class.
+    pub totals: Counters,
+    /// Operations that found no usable CPU and went to jemalloc.
+    pub no_cpu: u64,
+    /// Blocks cached now, over every CPU and class.
+    pub cached_blocks: u64,
+    /// Their bytes.
+    pub cached_bytes: u64,
+    /// Blocks waiting on deferred lists.
+    pub deferred_blocks: u64,
+    /// Per class, indexed like [`CLASS_SIZES`](crate::CLASS_SIZES).
+    pub classes: [ClassStats; NUM_CLASSES],
+    busiest: [CpuStats; BUSIEST],
+    busiest_len: usize,
+}
+
+impl Stats {
+    /// Stats of an allocator whose table was never made.
+    pub(crate) fn empty(path: Path) -> Stats {
+        Stats {
+            path,
+            counting: COUNTING,
+            cpus: 0,
+            threshold: 0,
+            max_cached_size: 0,
+            cpu_bound_bytes: 0,
+            totals: Counters::default(),
+            no_cpu: 0,
+            cached_blocks: 0,
+            cached_bytes: 0,
+            deferred_blocks: 0,
+            classes: [ClassStats::default(); NUM_CLASSES],
+            busiest: [CpuStats::default(); BUSIEST],
+            busiest_len: 0,
+        }
+    }
+
+    pub(crate) fn collect(table: &Table) -> Stats {
+        let header = table.header();
+        let mut stats = Stats::empty(header.path);
+        stats.cpus = header.ncpu as usize;
+        stats.threshold = header.threshold;
+        stats.max_cached_size = header.max_size;
+        stats.cpu_bound_bytes = header.config.cpu_bound_bytes();
+        stats.no_cpu = header.no_cpu.load(Ordering::Relaxed);
+        for (class, c) in stats.classes.iter_mut().enumerate() {
+            c.class_size = class_size(class);
+            c.cap = header.cap(class);
+        }
+        for cpu in table.cpus() {
+            let mut this = CpuStats {
+                cpu,
+                ..CpuStats::default()
+            };
+            for class in 0..NUM_CLASSES {
+                let lists = counts(table, cpu, class);
+                let blocks = (lists.nr + lists.nr_sig) as u64;
+                let events = counters(table, cpu, class);
+                this.counters += events;
+                this.cached_bytes += lists.bytes() as u64;
+                stats.classes[class].counters += events;
+                stats.classes[class].cached_blocks += blocks;
+                stats.cached_blocks += blocks;
+            }
+            stats.deferred_blocks += table.cpu(cpu).deferred.len() as u64;
+            stats.totals += this.counters;
+            stats.cached_bytes += this.cached_bytes;
+            stats.keep_if_busy(this);
+        }
+        stats
+    }
+
+    /// Keeps the [`BUSIEST`] CPUs with the most operations (or, without
+    /// counters, the most bytes cached), busiest first.
+    fn keep_if_busy(&mut self, cpu: CpuStats) {
+        let weight = |c: &CpuStats| (c.ops(), c.cached_bytes);
+        if weight(&cpu) == (0, 0) {
+            return;
+        }
+        let mut at = self.busiest_len;
+        while at > 0 && weight(&self.busiest[at - 1]) < weight(&cpu) {
+            at -= 1;
+        }
+        if at == BUSIEST {
+            return;
+        }
+        let end = (self.busiest_len + 1).min(BUSIEST);
+        self.busiest.copy_within(at..end - 1, at + 1);
+        self.busiest[at] = cpu;
+        self.busiest_len = end;
+    }
+
+    /// One row per class that did anything or holds anything.
+    fn fmt_classes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "  {:>5} {:>5} {:>4} {:>8}",
+            "class", "size", "cap", "cached"
+        )?;
+        if self.counting {
+            write!(
+                f,
+                " {:>12} {:>7} {:>9} {:>10} {:>12} {:>10}",
+                "allocs", "hit", "splices", "misses", "frees", "overflows"
+            )?;
+        }
+        writeln!(f)?;
+        for (i, c) in self.classes.iter().enumerate() {
+            let k = &c.counters;
+            if k.allocs() + k.frees() + c.cached_blocks == 0 {
+                continue;
+            }
+            write!(
+                f,
+                "  {:>5} {:>5} {:>4} {:>8}",
+                i, c.class_size, c.cap, c.cached_blocks
+            )?;
+            if self.counting {
+                write!(
+                    f,
+                    " {:>12} {:>7} {:>9} {:>10} {:>12} {:>10}",
+                    k.allocs(),
+                    Share(k.hits + k.splices, k.allocs()),
+                    k.splices,
+                    k.misses,
+                    k.frees(),
+                    k.overflows
+                )?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+
+    /// The busiest CPUs, one row each.
+    fn fmt_cpus(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.busiest_cpus().is_empty() {
+            return Ok(());
+        }
+        write!(f, "  {:>5} {:>10}", "cpu", "cached")?;
+        if self.counting {
+            write!(f, " {:>12} {:>12} {:>7}", "allocs", "frees", "hit")?;
+        }
+        writeln!(f)?;
+        for c in self.busiest_cpus() {
+            write!(f, "  {:>5} {:>10}", c.cpu, Bytes(c.cached_bytes))?;
+            if self.counting {
+                let k = &c.counters;
+                write!(
+                    f,
+                    " {:>12} {:>12} {:>7}",
+                    k.allocs(),
+                    k.frees(),
+                    Share(k.hits + k.splices, k.allocs())
+                )?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+
+    /// The busiest CPUs (most allocs and frees, or most bytes cached without
+    /// counters), at most eight, busiest first.
+    pub fn busiest_cpus(&self) -> &[CpuStats] {
+        &self.busiest[..self.busiest_len]
+    }
+}
+
+/// Bytes as a person reads them.
+struct Bytes(u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = Buf::<24>::new();
+        let b = self.0;
+        let _ = if b < 1024 {
+            write!(buf, "{b} B")
+        } else if b < 1 << 20 {
+            write!(buf, "{:.1} KiB", b as f64 / 1024.0)
+        } else {
+            write!(buf, "{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+        };
+        f.pad(buf.as_str())
+    }
+}
+
+/// A share as a percentage, "-" when there is nothing to share.
+struct Share(u64, u64);
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = Buf::<24>::new();
+        let _ = match self.1 {
+            0 => write!(buf, "-"),
+            n => write!(buf, "{:.1}%", self.0 as f64 * 100.0 / n as f64),
+        };
+        f.pad(buf.as_str())
+    }
+}
+
+/// Text formatted into a fixed buffer, for code that must not allocate;
+/// what does not fit is cut.
+pub(crate) struct Buf<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Buf<N> {
+    pub(crate) const fn new() -> Self {
+        Buf {
+            bytes: [0; N],
+            len: 0,
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    fn as_str(&self) -> &str {
+        // Only whole characters are copied in (see `push`).
+        core::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl<const N: usize> Buf<N> {
+    /// Copies as much of `s` as fits, cut at a character boundary so the
+    /// buffer stays UTF-8; returns the bytes taken.
+    fn push(&mut self, s: &str) -> usize {
+        let mut take = s.len().min(N - self.len);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.bytes[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        take
+    }
+}
+
+impl<const N: usize> fmt::Write for Buf<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.push(s) == s.len() {
+            Ok(())
+        } else {
+            Err(fmt::Error)
+        }
+    }
+}
+
+/// Standard error through `write(2)` and a stack buffer: no allocation,
+/// no lock, usable at exit and from inside the allocator.
+pub(crate) struct Stderr(Buf<512>);
+
+impl Stderr {
+    pub(crate) const fn new() -> Self {
+        Stderr(Buf::new())
+    }
+
+    fn flush(&mut self) {
+        let mut bytes = self.0.as_bytes();
+        while !bytes.is_empty() {
+            // SAFETY: writes from a live buffer of that length.
+            let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+            if n <= 0 {
+                break;
+            }
+            bytes = &bytes[n as usize..];
+        }
+        self.0.clear();
+    }
+}
+
+impl fmt::Write for Stderr {
+    fn write_str(&mut self, mut s: &str) -> fmt::Result {
+        loop {
+            s = &s[self.0.push(s)..];
+            if s.is_empty() {
+                return Ok(());
+            }
+            self.flush();
+        }
+    }
+}
+
+impl Drop for Stderr {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.totals;
+        writeln!(
+            f,
+            "percpu-alloc: {} path, {} CPUs, threshold {}, sizes up to {} cached",
+            self.path, self.cpus, self.threshold, self.max_cached_size
+        )?;
+        writeln!(
+            f,
+            "  cached now: {} blocks, {} (bound {} per CPU); deferred: {} blocks",
+            self.cached_blocks,
+            Bytes(self.cached_bytes),
+            Bytes(self.cpu_bound_bytes as u64),
+            self.deferred_blocks
+        )?;
+        if !self.counting {
+            writeln!(f, "  counters: off (build with the `stats` feature)")?;
+        } else {
+            writeln!(
+                f,
+                "  allocs: {}  hits {}  splices {}  misses {}",
+                t.allocs(),
+                Share(t.hits, t.allocs()),
+                Share(t.splices, t.allocs()),
+                Share(t.misses, t.allocs())
+            )?;
+            writeln!(
+                f,
+                "  frees: {}  task {}  signal {}  other {}  overflows {}  deferred {}  no CPU {}",
+                t.frees(),
+                t.frees_task,
+                t.frees_signal,
+                t.frees_other,
+                t.overflows,
+                t.deferred,
+                self.no_cpu
+            )?;
+        }
+        self.fmt_classes(f)?;
+        self.fmt_cpus(f)
+    }
+}
+
+/// Has every registered table's [`Stats`] printed to standard error when
+/// the process exits (`PERCPU_STATS`). Registers the exit handler once.
+pub(crate) fn print_at_exit() {
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if !REGISTERED.swap(true, Ordering::AcqRel) {
+        // SAFETY: registers a plain function with no preconditions. glibc
+        // keeps its first 32 exit handlers in static storage, and beyond
+        // them allocates with its own malloc, never with this allocator.
+        unsafe { libc::atexit(print_registered) };
+    }
+}
+
+extern "C" fn print_registered() {
+    Table::for_each_registered(|table| {
+        let mut out = Stderr::new();
+        let _ = write!(out, "{}", Stats::collect(table));
+    });
 }

@@ -246,7 +246,8 @@ fn short_lived_threads_free_what_others_allocated() {
 fn trim_while_threads_churn_loses_nothing() {
     // A trim reaches every CPU's task lists while their owners keep
     // pushing, popping and splicing (on the rseq path: the drain bit and
-    // the membarrier fence). A block taken by both a trim and an allocation
+    // the membarrier fence); the churning threads also trim their own
+    // CPUs now and then. A block taken by both a trim and an allocation
     // would be freed to jemalloc while in use and handed out again: two
     // owners, two patterns, one check fails.
     let _serial = serial(&SERIAL);
@@ -288,6 +289,12 @@ fn trim_while_threads_churn_loses_nothing() {
                         }
                     }
                     iter += 1;
+                    if iter % 2048 == 0 {
+                        // The cheap trim, of this thread's CPU, while other
+                        // threads on the same CPU keep using its lists.
+                        let report = ALLOC.trim_current_cpu();
+                        assert_eq!(report.cpus_skipped, 0, "trim_current_cpu skipped");
+                    }
                 }
                 for b in live {
                     b.free("block left at the end");
