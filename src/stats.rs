@@ -12,6 +12,14 @@ use crate::free_list::task_len;
 use crate::size_class::{class_size, Class, NUM_CLASSES};
 
 /// How the allocator keeps each CPU's task lists to itself.
+///
+/// ```
+/// use percpu_alloc::{Config, Path, PerCpuAlloc};
+///
+/// let forced = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+/// assert_eq!(forced.path(), Path::Fallback);
+/// assert_eq!(forced.path().to_string(), "fallback");
+/// ```
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Path {
@@ -31,6 +39,20 @@ impl core::fmt::Display for Path {
 }
 
 /// The lengths of one CPU's lists for one class.
+///
+/// ```
+/// use std::alloc::{GlobalAlloc, Layout};
+/// use percpu_alloc::PerCpuAlloc;
+///
+/// let alloc = PerCpuAlloc::new();
+/// let layout = Layout::from_size_align(24, 8).unwrap();
+/// // SAFETY: a valid layout; the block is freed with the same one.
+/// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+/// for lists in alloc.snapshot() {
+///     assert!(lists.nr + lists.nr_sig <= lists.cap + 1);
+///     assert_eq!(lists.bytes(), (lists.nr + lists.nr_sig) as usize * lists.class_size);
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListCounts {
     /// The CPU.
@@ -107,6 +129,19 @@ impl Iterator for Snapshot<'_> {
 }
 
 /// What a [`trim`](crate::PerCpuAlloc::trim) gave back to jemalloc.
+///
+/// ```
+/// use std::alloc::{GlobalAlloc, Layout};
+/// use percpu_alloc::PerCpuAlloc;
+///
+/// let alloc = PerCpuAlloc::new();
+/// let layout = Layout::from_size_align(100, 8).unwrap();
+/// // SAFETY: a valid layout; the block is freed with the same one.
+/// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+/// let report = alloc.trim();
+/// assert_eq!(report.bytes, report.blocks * 112); // 100 bytes: the 112-byte class
+/// assert_eq!(alloc.cached_bytes(), 0);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrimReport {
     /// Cached blocks (task and signal lists) returned.
@@ -168,6 +203,23 @@ pub(crate) fn count(table: &Table, cpu: Option<usize>, class: Class, event: Even
 /// overflow (task context, the list at its cap: the block went to
 /// jemalloc) or deferred (signal context at the cap: the block waits for
 /// task context to give it to jemalloc).
+///
+/// ```
+/// use std::alloc::{GlobalAlloc, Layout};
+/// use percpu_alloc::{Config, PerCpuAlloc};
+///
+/// let alloc = PerCpuAlloc::with_config(Config::new().read_env(false));
+/// let layout = Layout::from_size_align(64, 8).unwrap();
+/// // SAFETY: a valid layout; the block is freed with the same one.
+/// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+/// let totals = alloc.stats().totals;
+/// if cfg!(feature = "stats") {
+///     assert_eq!(totals.allocs(), 1); // a miss: the cache started empty
+///     assert_eq!(totals.frees(), 1);
+/// } else {
+///     assert_eq!(totals, Default::default());
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Allocs served from the task list.
@@ -284,6 +336,26 @@ const BUSIEST: usize = 8;
 ///
 /// Each counter is read once as the collection goes, so while other
 /// threads run the figures are a moment's reading, not a consistent cut.
+///
+/// ```
+/// use std::alloc::{GlobalAlloc, Layout};
+/// use percpu_alloc::PerCpuAlloc;
+///
+/// let alloc = PerCpuAlloc::new();
+/// let layout = Layout::from_size_align(300, 8).unwrap();
+/// // SAFETY: a valid layout; each block is freed with the same one.
+/// unsafe {
+///     let blocks: Vec<_> = (0..10).map(|_| alloc.alloc(layout)).collect();
+///     for p in blocks {
+///         alloc.dealloc(p, layout);
+///     }
+/// }
+/// let stats = alloc.stats();
+/// let class = percpu_alloc::CLASS_SIZES.iter().position(|&s| s == 320).unwrap();
+/// assert_eq!(stats.classes[class].cached_blocks, stats.cached_blocks);
+/// assert!(stats.cached_bytes as usize <= stats.cpu_bound_bytes * stats.cpus);
+/// println!("{stats}");
+/// ```
 #[derive(Clone, Debug)]
 pub struct Stats {
     /// Which per-CPU path is live.
