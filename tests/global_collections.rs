@@ -537,6 +537,44 @@ fn zero_size_layouts() {
 }
 
 #[test]
+fn alignments_up_to_2_pow_29() {
+    let _serial = serial(&SERIAL);
+    // Beyond what `alignments_through_std_alloc` covers: jemalloc maps such
+    // requests with `mallocx(MALLOCX_ALIGN)`, reserving address space of
+    // about the alignment: aligned, usable memory.
+    for shift in 20..=29 {
+        let align = 1usize << shift;
+        for size in [1, 64, align, align + 1] {
+            let layout = Layout::from_size_align(size, align).unwrap();
+            for zeroed in [false, true] {
+                // SAFETY: non-zero size.
+                let p = unsafe {
+                    if zeroed {
+                        ALLOC.alloc_zeroed(layout)
+                    } else {
+                        ALLOC.alloc(layout)
+                    }
+                };
+                // At most 1 GiB of address space, never touched but at
+                // both ends: jemalloc has no reason to refuse.
+                assert!(!p.is_null(), "alloc({size}, {align}) failed");
+                assert_eq!(p as usize % align, 0, "alloc({size}, {align}) misaligned");
+                // SAFETY: `p` holds `size` bytes.
+                unsafe {
+                    if zeroed {
+                        assert_eq!(p.read(), 0);
+                        assert_eq!(p.add(size - 1).read(), 0);
+                    }
+                    p.write(1);
+                    p.add(size - 1).write(2);
+                    ALLOC.dealloc(p, layout);
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn huge_sizes_fail_cleanly() {
     let _serial = serial(&SERIAL);
     // Sizes no allocator can serve: past jemalloc's largest class, or
@@ -594,6 +632,37 @@ fn huge_sizes_fail_cleanly() {
         }
         // SAFETY: still live with `layout`.
         unsafe { dealloc(p, layout) };
+    }
+
+    // The largest layouts `Layout` accepts, for every alignment up to 2^29:
+    // size + alignment padding is exactly isize::MAX.
+    for shift in 0..=29 {
+        let align = 1usize << shift;
+        let layout = Layout::from_size_align(isize::MAX as usize - (align - 1), align).unwrap();
+        // SAFETY: non-zero size; the result is only compared to null.
+        let (p, z) = unsafe { (ALLOC.alloc(layout), ALLOC.alloc_zeroed(layout)) };
+        assert!(p.is_null() && z.is_null(), "largest layout, align {align}");
+    }
+
+    // A realloc whose new size, rounded up to the alignment, would pass
+    // isize::MAX breaks the caller's side of the contract; the allocator
+    // still answers null and keeps the block rather than wrap around.
+    for (size, align) in [(8usize, 4096usize), (64, 64), (3000, 1 << 16)] {
+        let layout = Layout::from_size_align(size, align).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { ALLOC.alloc(layout) };
+        assert!(!p.is_null());
+        // SAFETY: `p` holds `size` bytes.
+        unsafe { fill(p, size, 2) };
+        // SAFETY: see above: the point is that the contract is broken and
+        // the allocator notices.
+        let q = unsafe { ALLOC.realloc(p, layout, isize::MAX as usize - align / 2) };
+        assert!(q.is_null(), "wrapping realloc, align {align}: {q:p}");
+        // SAFETY: the failed realloc left `p` live.
+        unsafe {
+            expect_pattern(p, size, 2, "block after a wrapping realloc");
+            ALLOC.dealloc(p, layout);
+        }
     }
 
     // And through std: fallible reservations report the failure.
