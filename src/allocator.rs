@@ -13,9 +13,10 @@ use crate::drain;
 use crate::env;
 use crate::fallback;
 use crate::free_list::fits;
+use crate::hardened;
 use crate::rseq::{self, Done};
 use crate::rules::{self, Alloc, Free};
-use crate::size_class::{class_of, Class};
+use crate::size_class::{class_of, class_size, Class};
 use crate::stats::{self, Counters, Event, ListCounts, Path, Snapshot, Stats, TrimReport};
 
 /// A global allocator with per-CPU, per-size-class caches in front of
@@ -339,6 +340,7 @@ impl PerCpuAlloc {
                             return alloc_slow_rseq(table, class, cpu, zeroed);
                         }
                         stats::count(table, Some(cpu as usize), class, Event::Hit);
+                        hardened::on_alloc(block, class_size(class));
                         block
                     }
                     Path::Fallback => {
@@ -392,11 +394,14 @@ fn take(table: &Table, class: Class) -> *mut u8 {
             // SAFETY: the table is live and on the rseq path.
             let (block, cpu) =
                 unsafe { rseq::pop(header.rseq_offset, table.class_base(class), header.ncpu) };
-            if cpu == u32::MAX {
-                return block;
+            match cpu {
+                u32::MAX => return block,
+                rseq::CORRUPT => hardened::corrupted(ptr::null_mut()),
+                _ => {}
             }
             if !block.is_null() {
                 stats::count(table, Some(cpu as usize), class, Event::Hit);
+                hardened::on_alloc(block, class_size(class));
                 return block;
             }
             splice_if_due(table, class, cpu as usize)
@@ -411,8 +416,10 @@ fn take(table: &Table, class: Class) -> *mut u8 {
 #[cold]
 #[inline(never)]
 fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
-    if cpu == u32::MAX {
-        return miss(table, class, None, zeroed);
+    match cpu {
+        u32::MAX => return miss(table, class, None, zeroed),
+        rseq::CORRUPT => hardened::corrupted(ptr::null_mut()),
+        _ => {}
     }
     let block = splice_if_due(table, class, cpu as usize);
     if block.is_null() {
@@ -449,6 +456,7 @@ fn splice_out_of_line(table: &Table, class: Class, cpu: usize) -> *mut u8 {
     match rules::splice_rseq(table, cpu, class) {
         Alloc::Spliced(block) => {
             stats::count(table, Some(cpu), class, Event::Splice);
+            hardened::on_alloc(block, class_size(class));
             block
         }
         _ => ptr::null_mut(),
@@ -468,6 +476,7 @@ fn take_locked(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
         Alloc::Miss | Alloc::Busy => return (ptr::null_mut(), Some(cpu)),
     };
     stats::count(table, Some(cpu), class, event);
+    hardened::on_alloc(block, class_size(class));
     (block, Some(cpu))
 }
 
@@ -481,7 +490,12 @@ fn miss(table: &Table, class: Class, cpu: Option<usize>, zeroed: bool) -> *mut u
             return_deferred(table, cpu);
         }
     }
-    backend::alloc_class(class, zeroed)
+    let block = backend::alloc_class(class, zeroed);
+    if !block.is_null() {
+        // jemalloc may hand back a block this cache once marked.
+        hardened::on_alloc(block, class_size(class));
+    }
+    block
 }
 
 /// Task context, outside any critical section: deferred blocks go home.
@@ -527,6 +541,7 @@ unsafe fn give(table: &Table, class: Class, block: *mut u8) {
         }
         return;
     }
+    hardened::on_free(block, class_size(class));
     match (header.path, ctx) {
         (Path::Rseq, Context::Task) => {
             // SAFETY: the table is live and on the rseq path; we own the

@@ -113,6 +113,9 @@ pub(crate) struct Table(Header);
 impl Table {
     /// Maps and fills a new table. Returns null if the mapping fails.
     pub(crate) fn create(config: &Config, path: Path, rseq_offset: isize) -> *mut Table {
+        // Links written through any table use the secret: pick it before
+        // the first table exists.
+        crate::hardened::init();
         let ncpu = possible_cpus();
         let len = HEADER_SIZE + (ncpu << STRIDE_SHIFT);
         // SAFETY: an anonymous private mapping asks nothing of its arguments.

@@ -80,7 +80,8 @@ pub(crate) fn fits(block: *mut u8) -> bool {
     (block as u64) >> COUNT_SHIFT == 0
 }
 
-/// Reads the link of a listed block.
+/// Reads the link of a listed block (decoded and checked with the
+/// `hardened` feature, which aborts on a link it did not write).
 ///
 /// # Safety
 /// `block` is on a list the caller owns (or has exclusive use of), so it is
@@ -88,7 +89,24 @@ pub(crate) fn fits(block: *mut u8) -> bool {
 #[inline]
 pub(crate) unsafe fn read_link(block: *mut u8) -> u64 {
     // SAFETY: the caller's contract.
-    unsafe { (block as *const u64).read() }
+    crate::hardened::decode(unsafe { (block as *const u64).read() }, block)
+}
+
+/// Reads the link of the head of `word`, a list whose count is exact (a
+/// task or signal list, not a deferred one): the rest of the list, one
+/// block shorter, which the `hardened` feature checks.
+///
+/// # Safety
+/// As [`read_link`], for the head of `word`, which is not empty.
+#[inline]
+pub(crate) unsafe fn read_next(word: u64) -> u64 {
+    let block = head(word);
+    // SAFETY: the caller's contract.
+    let link = unsafe { read_link(block) };
+    if cfg!(feature = "hardened") && count(link) + 1 != count(word) {
+        crate::hardened::corrupted(block);
+    }
+    link
 }
 
 /// Writes the link of a block about to be listed.
@@ -98,7 +116,7 @@ pub(crate) unsafe fn read_link(block: *mut u8) -> u64 {
 #[inline]
 pub(crate) unsafe fn write_link(block: *mut u8, word: u64) {
     // SAFETY: the caller's contract.
-    unsafe { (block as *mut u64).write(word) }
+    unsafe { (block as *mut u64).write(crate::hardened::encode(word, block)) }
 }
 
 /// The blocks of a list word that the caller has taken off every list.
@@ -274,6 +292,10 @@ mod tests {
     struct Block([u64; 2]);
 
     fn blocks(n: usize) -> Vec<Block> {
+        // These lists have no table; pick the `hardened` secret as a
+        // table would, before any link is written, so that a table made by
+        // a test running beside these does not change it under them.
+        crate::hardened::init();
         (0..n).map(|_| Block([0; 2])).collect()
     }
 

@@ -49,6 +49,7 @@ mod drain;
 mod env;
 mod fallback;
 mod free_list;
+mod hardened;
 mod rseq;
 mod rules;
 mod size_class;

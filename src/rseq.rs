@@ -32,6 +32,10 @@ pub(crate) enum Done {
     NoCpu,
 }
 
+/// The CPU a pop reports when it found a corrupted link (the `hardened`
+/// feature); no real CPU has this number.
+pub(crate) const CORRUPT: u32 = u32::MAX - 1;
+
 #[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
 mod imp {
     use super::Done;
@@ -146,6 +150,79 @@ mod imp {
         };
     }
 
+    // The `hardened` feature's additions to the sections (see
+    // `crate::hardened`); empty without it.
+
+    /// Before a pop loads a link: keep the old word for the check.
+    #[cfg(feature = "hardened")]
+    macro_rules! keep_word {
+        () => {
+            "mov {t}, {w}\n"
+        };
+    }
+    #[cfg(not(feature = "hardened"))]
+    macro_rules! keep_word {
+        () => {
+            ""
+        };
+    }
+
+    /// After a pop loaded the link of block `{p}` into `{w}`: decode it and
+    /// check it is the word of the rest of the list (count one less than
+    /// the old word's `{t}`, no drain or front bits, an 8-aligned head);
+    /// else leave the section at 14:.
+    #[cfg(feature = "hardened")]
+    macro_rules! check_link {
+        () => {
+            concat!(
+                "xor {w}, {key}\n",
+                "xor {w}, {p}\n",
+                "shr {t}, 48\n",
+                "sub {t}, 1\n",
+                "shl {t}, 48\n",
+                "xor {t}, {w}\n",
+                "shr {t}, 48\n",
+                "jnz 14f\n",
+                "test {w:e}, 7\n",
+                "jnz 14f\n",
+            )
+        };
+    }
+    #[cfg(not(feature = "hardened"))]
+    macro_rules! check_link {
+        () => {
+            ""
+        };
+    }
+
+    /// A pop found a corrupted link: no block, CPU `CORRUPT`.
+    #[cfg(feature = "hardened")]
+    macro_rules! corrupt_exit {
+        () => {
+            concat!("14:\n", "mov {cpu:e}, -2\n", "jmp 8f\n")
+        };
+    }
+    #[cfg(not(feature = "hardened"))]
+    macro_rules! corrupt_exit {
+        () => {
+            ""
+        };
+    }
+
+    /// Before a push stores the link `{t}` into block `{block}`: encode it.
+    #[cfg(feature = "hardened")]
+    macro_rules! encode_link {
+        () => {
+            concat!("xor {t}, {key}\n", "xor {t}, {block}\n")
+        };
+    }
+    #[cfg(not(feature = "hardened"))]
+    macro_rules! encode_link {
+        () => {
+            ""
+        };
+    }
+
     /// Pops a block from the task list of the current CPU: the last front
     /// slot if any, else the head of the linked part. `lists` is the class's
     /// lists on CPU 0 (task word, signal word, front slots).
@@ -161,56 +238,70 @@ mod imp {
     pub(crate) unsafe fn pop(offset: isize, lists: *mut u8, ncpu: u32) -> (*mut u8, u32) {
         let block: *mut u8;
         let cpu: u64;
+        // One section, with the `hardened` feature's secret as an extra
+        // operand where it is on.
+        macro_rules! section {
+            ($($hardening:tt)*) => {
+                asm!(
+                    section_start!("p"),
+                    "mov {w}, qword ptr [{addr}]",
+                    // Zero is empty; a set drain bit makes the word negative.
+                    "test {w}, {w}",
+                    "jle 8f",
+                    "mov {p}, {w}",
+                    "shr {p}, 58",
+                    "jz 12f",
+                    // Front slot `front - 1` (at byte 16 + 8 * slot); the
+                    // word loses one from its front count and one from nr.
+                    "mov {p}, qword ptr [{addr} + {p} * 8 + 8]",
+                    "mov {t}, 0x0401000000000000",
+                    "sub {w}, {t}",
+                    "jmp 13f",
+                    "12:",
+                    // The linked part's head; its link is the new word.
+                    // Warm the next head for the next pop.
+                    "mov {p}, {w}",
+                    "and {p}, {mask}",
+                    keep_word!(),
+                    "mov {w}, qword ptr [{p}]",
+                    check_link!(),
+                    "mov {t}, {w}",
+                    "and {t}, {mask}",
+                    "prefetcht0 byte ptr [{t}]",
+                    "13:",
+                    "mov qword ptr [{addr}], {w}",
+                    "5:",
+                    "jmp 9f",
+                    abort_handler!(),
+                    corrupt_exit!(),
+                    "7:",
+                    "mov {cpu:e}, -1",
+                    "8:",
+                    "xor {p:e}, {p:e}",
+                    "9:",
+                    off = in(reg) offset,
+                    lists = in(reg) lists,
+                    ncpu = in(reg) ncpu,
+                    mask = in(reg) crate::free_list::PTR_MASK,
+                    p = out(reg) block,
+                    cpu = out(reg) cpu,
+                    addr = out(reg) _,
+                    w = out(reg) _,
+                    t = out(reg) _,
+                    $($hardening)*
+                    options(nostack),
+                )
+            };
+        }
         // SAFETY: see the function's contract. The only memory written is
         // the rseq area's rseq_cs field and the task list word. The block or
         // slot read belongs to this CPU's list until the commit hands it to
         // us; the prefetch cannot fault.
         unsafe {
-            asm!(
-                section_start!("p"),
-                "mov {w}, qword ptr [{addr}]",
-                // Zero is empty; a set drain bit makes the word negative.
-                "test {w}, {w}",
-                "jle 8f",
-                "mov {p}, {w}",
-                "shr {p}, 58",
-                "jz 12f",
-                // Front slot `front - 1` (at byte 16 + 8 * slot); the word
-                // loses one from its front count and one from nr.
-                "mov {p}, qword ptr [{addr} + {p} * 8 + 8]",
-                "mov {t}, 0x0401000000000000",
-                "sub {w}, {t}",
-                "jmp 13f",
-                "12:",
-                // The linked part's head; its link is the new word. Warm the
-                // next head for the next pop.
-                "mov {p}, {w}",
-                "and {p}, {mask}",
-                "mov {w}, qword ptr [{p}]",
-                "mov {t}, {w}",
-                "and {t}, {mask}",
-                "prefetcht0 byte ptr [{t}]",
-                "13:",
-                "mov qword ptr [{addr}], {w}",
-                "5:",
-                "jmp 9f",
-                abort_handler!(),
-                "7:",
-                "mov {cpu:e}, -1",
-                "8:",
-                "xor {p:e}, {p:e}",
-                "9:",
-                off = in(reg) offset,
-                lists = in(reg) lists,
-                ncpu = in(reg) ncpu,
-                mask = in(reg) crate::free_list::PTR_MASK,
-                p = out(reg) block,
-                cpu = out(reg) cpu,
-                addr = out(reg) _,
-                w = out(reg) _,
-                t = out(reg) _,
-                options(nostack),
-            );
+            #[cfg(feature = "hardened")]
+            section!(key = in(reg) crate::hardened::secret(),);
+            #[cfg(not(feature = "hardened"))]
+            section!();
         }
         (block, cpu as u32)
     }
@@ -233,74 +324,87 @@ mod imp {
     ) -> (Done, u32) {
         let status: u64;
         let cpu: u64;
+        // One section, with the `hardened` feature's secret as an extra
+        // operand where it is on.
+        macro_rules! section {
+            ($($hardening:tt)*) => {
+                asm!(
+                    section_start!("t"),
+                    "mov {w}, qword ptr [{addr}]",
+                    "test {w}, {w}",
+                    "js 8f",
+                    // nr + nr_sig against the cap.
+                    "mov {n}, qword ptr [{addr} + 8]",
+                    "shr {n}, 48",
+                    "mov {t}, {w}",
+                    "shr {t}, 48",
+                    "and {t}, 0x3ff",
+                    "add {n}, {t}",
+                    "cmp {n}, {cap}",
+                    "jae 8f",
+                    "mov {u}, {w}",
+                    "shr {u}, 58",
+                    "cmp {u}, 30",
+                    "jae 12f",
+                    // Into front slot `front` (at byte 16 + 8 * slot): one
+                    // more in front, one more in nr.
+                    "mov qword ptr [{addr} + {u} * 8 + 16], {block}",
+                    "mov {t}, 0x0401000000000000",
+                    "add {t}, {w}",
+                    "jmp 13f",
+                    "12:",
+                    // Onto the linked part. The link is the word of the
+                    // linked part alone: no front count, and nr less the 30
+                    // in front.
+                    "mov {t}, {w}",
+                    "shl {t}, 6",
+                    "shr {t}, 6",
+                    "mov {u}, 0x001e000000000000",
+                    "sub {t}, {u}",
+                    encode_link!(),
+                    "mov qword ptr [{block}], {t}",
+                    // The new word: the block as head, nr plus one, the
+                    // front count kept.
+                    "mov {t}, {w}",
+                    "shr {t}, 48",
+                    "add {t}, 1",
+                    "shl {t}, 48",
+                    "or {t}, {block}",
+                    "13:",
+                    "mov qword ptr [{addr}], {t}",
+                    "5:",
+                    "xor {n:e}, {n:e}",
+                    "jmp 9f",
+                    abort_handler!(),
+                    "7:",
+                    "mov {cpu:e}, -1",
+                    "8:",
+                    "mov {n:e}, 1",
+                    "9:",
+                    off = in(reg) offset,
+                    lists = in(reg) lists,
+                    ncpu = in(reg) ncpu,
+                    block = in(reg) block,
+                    cap = in(reg) cap as u64,
+                    n = out(reg) status,
+                    cpu = out(reg) cpu,
+                    w = out(reg) _,
+                    t = out(reg) _,
+                    u = out(reg) _,
+                    addr = out(reg) _,
+                    $($hardening)*
+                    options(nostack),
+                )
+            };
+        }
         // SAFETY: see the function's contract. Besides rseq_cs and the task
         // list word, only the block's link or the first free front slot is
         // written, neither part of any list until the commit.
         unsafe {
-            asm!(
-                section_start!("t"),
-                "mov {w}, qword ptr [{addr}]",
-                "test {w}, {w}",
-                "js 8f",
-                // nr + nr_sig against the cap.
-                "mov {n}, qword ptr [{addr} + 8]",
-                "shr {n}, 48",
-                "mov {t}, {w}",
-                "shr {t}, 48",
-                "and {t}, 0x3ff",
-                "add {n}, {t}",
-                "cmp {n}, {cap}",
-                "jae 8f",
-                "mov {u}, {w}",
-                "shr {u}, 58",
-                "cmp {u}, 30",
-                "jae 12f",
-                // Into front slot `front` (at byte 16 + 8 * slot): one more
-                // in front, one more in nr.
-                "mov qword ptr [{addr} + {u} * 8 + 16], {block}",
-                "mov {t}, 0x0401000000000000",
-                "add {t}, {w}",
-                "jmp 13f",
-                "12:",
-                // Onto the linked part. The link is the word of the linked
-                // part alone: no front count, and nr less the 30 in front.
-                "mov {t}, {w}",
-                "shl {t}, 6",
-                "shr {t}, 6",
-                "mov {u}, 0x001e000000000000",
-                "sub {t}, {u}",
-                "mov qword ptr [{block}], {t}",
-                // The new word: the block as head, nr plus one, the front
-                // count kept.
-                "mov {t}, {w}",
-                "shr {t}, 48",
-                "add {t}, 1",
-                "shl {t}, 48",
-                "or {t}, {block}",
-                "13:",
-                "mov qword ptr [{addr}], {t}",
-                "5:",
-                "xor {n:e}, {n:e}",
-                "jmp 9f",
-                abort_handler!(),
-                "7:",
-                "mov {cpu:e}, -1",
-                "8:",
-                "mov {n:e}, 1",
-                "9:",
-                off = in(reg) offset,
-                lists = in(reg) lists,
-                ncpu = in(reg) ncpu,
-                block = in(reg) block,
-                cap = in(reg) cap as u64,
-                n = out(reg) status,
-                cpu = out(reg) cpu,
-                w = out(reg) _,
-                t = out(reg) _,
-                u = out(reg) _,
-                addr = out(reg) _,
-                options(nostack),
-            );
+            #[cfg(feature = "hardened")]
+            section!(key = in(reg) crate::hardened::secret(),);
+            #[cfg(not(feature = "hardened"))]
+            section!();
         }
         let cpu = cpu as u32;
         let done = match (status, cpu) {

@@ -29,7 +29,7 @@ use core::sync::atomic::Ordering;
 
 use crate::context::Context;
 use crate::cpu_cache::{CpuCache, Table};
-use crate::free_list::{head, list_len, pack, read_link, task_len, write_link, Chain};
+use crate::free_list::{head, list_len, pack, read_next, task_len, write_link, Chain};
 use crate::size_class::Class;
 
 /// What an alloc did.
@@ -83,7 +83,7 @@ pub(crate) fn alloc_locked(table: &Table, cpu: usize, class: Class) -> Alloc {
     if !block.is_null() {
         // SAFETY: the slot gives us the task list, and a taken signal list
         // is ours; either way `block` heads a list we own.
-        let rest = unsafe { read_link(block) };
+        let rest = unsafe { read_next(word) };
         lists.task.store(rest, Ordering::Relaxed);
     }
     cache.unlock();
@@ -195,8 +195,8 @@ pub(crate) fn splice_rseq(table: &Table, cpu: usize, class: Class) -> Alloc {
     if block.is_null() {
         return Alloc::Miss;
     }
-    // SAFETY: the taken list is ours.
-    let rest = unsafe { read_link(block) };
+    // SAFETY: the taken list is ours, and `block` heads it.
+    let rest = unsafe { read_next(word) };
     if rest != 0 {
         let header = table.header();
         // SAFETY: the table is live and on the rseq path; we own `rest`.

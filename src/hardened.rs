@@ -1,0 +1,168 @@
+//! The `hardened` feature: encoded links and a double-free check.
+//!
+//! Without the feature everything here is the identity or does nothing,
+//! and compiles away.
+//!
+//! With it, a link (the first word of a cached block: the list word of the
+//! rest of its list) is stored XORed with a per-process secret and the
+//! block's own address, in the spirit of glibc's safe-linking, and checked
+//! on every pop: a link is a list word, so its top bit (the drain bit) is
+//! clear and its head is 8-aligned, and where its list's count is exact
+//! (task and signal lists) the link counts one block fewer than its list.
+//! The secret has those four fixed bits set, so a stored value with any of
+//! them clear, which is what a write after free of a pointer, a small
+//! number, text or zeroes leaves, decodes to an impossible link and is
+//! caught every time; other values are caught unless they decode to a
+//! plausible link with the right count. A corrupted link aborts the
+//! process with a message instead of handing out a wild pointer.
+//!
+//! Blocks of 16 bytes and more also carry, while cached, a key in their
+//! second word (the secret, the address and a constant, XORed), which every
+//! allocation clears. A free that finds the key finds a block that is
+//! cached already: a double free, which aborts. (An 8-byte block has no
+//! second word; its double frees are not caught.)
+
+#[cfg(feature = "hardened")]
+mod imp {
+    use core::sync::atomic::{AtomicU64, Ordering};
+
+    use super::{abort_with, corrupted};
+
+    /// Bits every link has clear: the drain bit (only task list words
+    /// carry it, never a link) and the low three (blocks are 8-aligned).
+    /// The secret has them all set.
+    const FIXED: u64 = 0x8000_0000_0000_0007;
+
+    /// Marks a cached block's second word (with the secret and address).
+    const CACHED: u64 = 0x6361_6368_6564_2121;
+
+    static SECRET: AtomicU64 = AtomicU64::new(0);
+
+    /// Picks the secret, once, before the first table is used: from the
+    /// kernel's 16 random bytes for this process (`AT_RANDOM`), read
+    /// without a system call.
+    pub(crate) fn init() {
+        if SECRET.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        // SAFETY: `getauxval` has no preconditions; `AT_RANDOM`, where
+        // present, points at 16 bytes that live as long as the process.
+        let random = unsafe {
+            let at = libc::getauxval(libc::AT_RANDOM) as *const u64;
+            if at.is_null() {
+                0
+            } else {
+                at.add(1).read_unaligned()
+            }
+        };
+        let stack = &random as *const u64 as u64;
+        let secret = (random ^ stack.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15) | FIXED;
+        let _ = SECRET.compare_exchange(0, secret, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    #[inline(always)]
+    pub(crate) fn secret() -> u64 {
+        SECRET.load(Ordering::Relaxed)
+    }
+
+    /// The value stored in `at`'s first word for the link `word`.
+    #[inline(always)]
+    pub(crate) fn encode(word: u64, at: *mut u8) -> u64 {
+        word ^ secret() ^ at as u64
+    }
+
+    /// The link stored in `at`'s first word, checked.
+    #[inline(always)]
+    pub(crate) fn decode(stored: u64, at: *mut u8) -> u64 {
+        let word = stored ^ secret() ^ at as u64;
+        if word & FIXED != 0 {
+            corrupted(at);
+        }
+        word
+    }
+
+    /// On a free of `block` (`size` bytes, its class size): aborts if it
+    /// is cached already, else marks it cached.
+    #[inline(always)]
+    pub(crate) fn on_free(block: *mut u8, size: usize) {
+        if size < 16 {
+            return;
+        }
+        let key = secret() ^ block as u64 ^ CACHED;
+        // SAFETY: the caller frees `block`, a block of at least 16 bytes
+        // that it owns until the free completes.
+        let second = unsafe { (block as *mut u64).add(1) };
+        // SAFETY: as above.
+        if unsafe { second.read() } == key {
+            abort_with("double free of cached block", block, "");
+        }
+        // SAFETY: as above.
+        unsafe { second.write(key) };
+    }
+
+    /// On an allocation of `block` (`size` bytes): clears the cached mark,
+    /// so that the block's one legitimate free does not find it.
+    #[inline(always)]
+    pub(crate) fn on_alloc(block: *mut u8, size: usize) {
+        if size >= 16 {
+            // SAFETY: the block was just handed to us and holds `size`
+            // bytes.
+            unsafe { (block as *mut u64).add(1).write(0) };
+        }
+    }
+}
+
+#[cfg(not(feature = "hardened"))]
+mod imp {
+    #[inline(always)]
+    pub(crate) fn init() {}
+
+    #[inline(always)]
+    pub(crate) fn encode(word: u64, _at: *mut u8) -> u64 {
+        word
+    }
+
+    #[inline(always)]
+    pub(crate) fn decode(stored: u64, _at: *mut u8) -> u64 {
+        stored
+    }
+
+    #[inline(always)]
+    pub(crate) fn on_free(_block: *mut u8, _size: usize) {}
+
+    #[inline(always)]
+    pub(crate) fn on_alloc(_block: *mut u8, _size: usize) {}
+}
+
+pub(crate) use imp::*;
+
+/// Aborts: the link in `at` (null: not known) is not one this allocator
+/// wrote. Only the `hardened` feature checks links.
+#[cold]
+#[inline(never)]
+pub(crate) fn corrupted(at: *mut u8) -> ! {
+    abort_with(
+        "corrupted free-list link in a cached block",
+        at,
+        "(a write after free?)",
+    )
+}
+
+/// Says what went wrong on stderr, without allocating, and aborts.
+#[cold]
+fn abort_with(what: &str, at: *mut u8, why: &str) -> ! {
+    use core::fmt::Write;
+    {
+        let mut err = crate::stats::Stderr::new();
+        let _ = write!(err, "percpu-alloc: {what}");
+        if !at.is_null() {
+            let _ = write!(err, " at {at:p}");
+        }
+        if !why.is_empty() {
+            let _ = write!(err, " {why}");
+        }
+        let _ = writeln!(err, ": aborting");
+    }
+    // SAFETY: ends the process; nothing after it runs.
+    unsafe { libc::abort() }
+}
