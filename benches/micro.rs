@@ -61,7 +61,11 @@ macro_rules! for_each_allocator {
 /// one on rseq where glibc registered it; say so rather than pass off one
 /// path's figures as the other's.
 fn check_paths() {
-    assert_eq!(PERCPU_FALLBACK.path(), Path::Fallback, "force_fallback was ignored");
+    assert_eq!(
+        PERCPU_FALLBACK.path(),
+        Path::Fallback,
+        "force_fallback was ignored"
+    );
     if PERCPU.path() != Path::Rseq {
         eprintln!("warning: rseq is not registered here; percpu-rseq measures the fallback");
     }
@@ -90,9 +94,7 @@ fn batches(c: &mut Criterion) {
             group.throughput(Throughput::Elements(batch.blocks() as u64));
             let id = format!("{n}_{}", order.name());
             for_each_allocator!(|name, a| {
-                group.bench_function(BenchmarkId::new(&id, name), |b| {
-                    b.iter(|| batch.run(a, 1))
-                });
+                group.bench_function(BenchmarkId::new(&id, name), |b| b.iter(|| batch.run(a, 1)));
             });
         }
     }
@@ -105,9 +107,7 @@ fn growth(c: &mut Criterion) {
     for g in Growth::ALL {
         group.throughput(Throughput::Elements(g.calls() as u64));
         for_each_allocator!(|name, a| {
-            group.bench_function(BenchmarkId::new(g.name(), name), |b| {
-                b.iter(|| g.run(a, 1))
-            });
+            group.bench_function(BenchmarkId::new(g.name(), name), |b| b.iter(|| g.run(a, 1)));
         });
     }
     group.finish();

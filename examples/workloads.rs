@@ -33,11 +33,13 @@
 //! output is the result:
 //!
 //! ```text
-//! result workload=scaling alloc=percpu path=rseq ns=.. ops=.. maxrss_kib=.. je_allocated=.. je_resident=.. cached=.. check=..
+//! result workload=scaling alloc=percpu path=rseq ns=.. ops=.. maxrss_kib=.. hwm_kib=.. je_allocated=.. je_resident=.. cached=.. check=..
 //! ```
 //!
 //! `ns` is the wall time of the workload alone (not process start, input
-//! loading or exit). `je_*` are jemalloc's `stats.allocated` and
+//! loading or exit). `maxrss_kib` is `getrusage(RUSAGE_SELF).ru_maxrss`;
+//! `hwm_kib` is `VmHWM` from `/proc/self/status`, the peak of this
+//! process's own memory, which the report uses (see [`peak_hwm_kib`]). `je_*` are jemalloc's `stats.allocated` and
 //! `stats.resident` at the end of the workload, for the builds where
 //! jemalloc serves the program (jemalloc, percpu); `cached` is what the
 //! per-CPU caches held then (percpu only); `-` where a field does not apply.
@@ -109,6 +111,17 @@ fn jemalloc_stats() -> Option<(usize, usize)> {
     let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
     let resident = tikv_jemalloc_ctl::stats::resident::read().ok()?;
     Some((allocated, resident))
+}
+
+/// The peak resident set of this program's own address space (`VmHWM`).
+/// `ru_maxrss` is printed too, but on Linux it carries over an `execve`
+/// the high-water mark of the address space that made the call, and
+/// `std::process::Command` spawns with `vfork` semantics, so a child's
+/// `ru_maxrss` is never below its parent's RSS.
+fn peak_hwm_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn peak_rss_kib() -> u64 {
@@ -237,7 +250,8 @@ fn scaling(threads: usize, ops: usize) -> Result<Done, String> {
         .map(|t| {
             thread::spawn(move || {
                 let mut rng = Rng(0x5EED_2000 + t as u64);
-                let mut ring: Vec<Box<[u8]>> = (0..64).map(|_| filled(8 + rng.below(505))).collect();
+                let mut ring: Vec<Box<[u8]>> =
+                    (0..64).map(|_| filled(8 + rng.below(505))).collect();
                 let mut bad = 0u64;
                 let mut sum = 0u64;
                 for _ in 0..ops {
@@ -318,7 +332,9 @@ fn generated_json(records: usize) -> String {
     let mut rng = Rng(0x5EED_4000);
     let items: Vec<serde_json::Value> = (0..records)
         .map(|i| {
-            let tags: Vec<String> = (0..rng.below(6)).map(|j| format!("tag-{}", (i + j) % 37)).collect();
+            let tags: Vec<String> = (0..rng.below(6))
+                .map(|j| format!("tag-{}", (i + j) % 37))
+                .collect();
             serde_json::json!({
                 "id": i,
                 "name": format!("user {i} {}", "x".repeat(rng.below(24))),
@@ -358,7 +374,11 @@ fn json(text: &str, iters: usize) -> Result<Done, String> {
     if iters > 0 {
         let again = serde_json::to_string(&parse(&last)?).map_err(|e| e.to_string())?;
         if let Some(at) = again.bytes().zip(last.bytes()).position(|(a, b)| a != b) {
-            let near = |t: &str| t.get(at.saturating_sub(40)..(at + 40).min(t.len())).unwrap_or("").to_string();
+            let near = |t: &str| {
+                t.get(at.saturating_sub(40)..(at + 40).min(t.len()))
+                    .unwrap_or("")
+                    .to_string()
+            };
             return Err(format!(
                 "the serialized document does not parse back to itself at byte {at}: {:?} vs {:?}",
                 near(&last),
@@ -460,7 +480,9 @@ fn btree(ops: usize) -> Result<Done, String> {
         held += v.len();
     }
     if held != bytes {
-        return Err(format!("the map holds {held} value bytes, expected {bytes}"));
+        return Err(format!(
+            "the map holds {held} value bytes, expected {bytes}"
+        ));
     }
     Ok(Done {
         ops: ops as u64,
@@ -531,7 +553,9 @@ fn strings(ops: usize) -> Result<Done, String> {
         window.push(s);
     }
     if total != expected {
-        return Err(format!("built {total} bytes of strings, expected {expected}"));
+        return Err(format!(
+            "built {total} bytes of strings, expected {expected}"
+        ));
     }
     Ok(Done {
         ops: ops as u64,
@@ -566,7 +590,10 @@ fn run(workload: &str, params: &Params) -> Result<(), String> {
     }
     let start = Instant::now();
     let done = match workload {
-        "prodcons" => prodcons(param(params, "pairs", 1)?, param(params, "blocks", 200_000)?),
+        "prodcons" => prodcons(
+            param(params, "pairs", 1)?,
+            param(params, "blocks", 200_000)?,
+        ),
         "scaling" => scaling(
             param(params, "threads", threads_default)?,
             param(params, "ops", 200_000)?,
@@ -591,6 +618,7 @@ fn run(workload: &str, params: &Params) -> Result<(), String> {
     }?;
     let ns = start.elapsed().as_nanos();
     let maxrss_kib = peak_rss_kib();
+    let hwm_kib = peak_hwm_kib().map_or_else(|| "-".into(), |k| k.to_string());
     let (je_allocated, je_resident) = match jemalloc_stats() {
         Some((a, r)) => (a.to_string(), r.to_string()),
         None => ("-".into(), "-".into()),
@@ -598,7 +626,7 @@ fn run(workload: &str, params: &Params) -> Result<(), String> {
     let cached = cached_bytes().map_or_else(|| "-".into(), |c| c.to_string());
     println!(
         "result workload={workload} alloc={ALLOCATOR} path={} ns={ns} ops={} \
-         maxrss_kib={maxrss_kib} je_allocated={je_allocated} je_resident={je_resident} \
+         maxrss_kib={maxrss_kib} hwm_kib={hwm_kib} je_allocated={je_allocated} je_resident={je_resident} \
          cached={cached} check={}",
         path.as_deref().unwrap_or("-"),
         done.ops,
@@ -610,7 +638,9 @@ fn run(workload: &str, params: &Params) -> Result<(), String> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(workload) = args.first() else {
-        eprintln!("usage: workloads WORKLOAD [key=value ...] (see the top of examples/workloads.rs)");
+        eprintln!(
+            "usage: workloads WORKLOAD [key=value ...] (see the top of examples/workloads.rs)"
+        );
         return ExitCode::FAILURE;
     };
     let mut params = Params::new();
