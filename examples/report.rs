@@ -951,10 +951,10 @@ fn scaling_chart(
     Ok(())
 }
 
-/// Peak RSS of every workload, a bar per allocator.
+/// Peak RSS of every workload, a bar per allocator. Horizontal, so the
+/// workload names read as plain text at the left.
 fn memory_chart(file: &FsPath, cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> DrawResult {
     use plotters::prelude::*;
-    use plotters::style::FontTransform;
     let rss: Vec<[f64; 5]> = samples
         .iter()
         .map(|s| {
@@ -963,8 +963,8 @@ fn memory_chart(file: &FsPath, cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> 
         })
         .collect();
     let n = cases.len();
-    let ymax = rss.iter().flatten().fold(0.0, |a: f64, &b| a.max(b)) * 1.1;
-    let root = SVGBackend::new(file, (1200, 640)).into_drawing_area();
+    let xmax = rss.iter().flatten().fold(0.0, |a: f64, &b| a.max(b)) * 1.5;
+    let root = SVGBackend::new(file, (1000, 120 + 36 * n as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -972,44 +972,42 @@ fn memory_chart(file: &FsPath, cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> 
             ("sans-serif", 22),
         )
         .margin(15)
-        .x_label_area_size(190)
-        .y_label_area_size(65)
+        .x_label_area_size(45)
+        .y_label_area_size(260)
         // Log scale: mimalloc's many-threads peak is tens of times the rest.
-        .build_cartesian_2d(-0.5..n as f64 - 0.5, (1.0..ymax.max(2.0)).log_scale())?;
+        .build_cartesian_2d((1.0..xmax.max(2.0)).log_scale(), -0.5..n as f64 - 0.5)?;
+    // The first workload at the top.
+    let row = |w: usize| (n - 1 - w) as f64;
     let labels: Vec<String> = cases.iter().map(|c| c.label.clone()).collect();
     chart
         .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| {
-            let k = x.round();
-            if (x - k).abs() < 1e-6 && k >= 0.0 {
-                labels.get(k as usize).cloned().unwrap_or_default()
+        .disable_y_mesh()
+        .y_labels(n)
+        .y_label_formatter(&|y| {
+            let k = y.round();
+            if (y - k).abs() < 1e-6 && k >= 0.0 && (k as usize) < n {
+                labels[n - 1 - k as usize].clone()
             } else {
                 String::new()
             }
         })
-        .x_label_style(
-            ("sans-serif", 13)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
-        .y_desc("peak RSS, MiB (VmHWM, log scale)")
+        .y_label_style(("sans-serif", 13))
+        .x_desc("peak RSS, MiB (VmHWM, log scale)")
         .draw()?;
-    let width = 0.8 / ALLOCS.len() as f64;
+    let height = 0.8 / ALLOCS.len() as f64;
     for (i, name) in ALLOCS.iter().enumerate() {
         let color = COLORS[i];
         chart
             .draw_series(rss.iter().enumerate().map(|(w, r)| {
-                let x0 = w as f64 - 0.4 + i as f64 * width;
-                Rectangle::new([(x0, 1.0), (x0 + width, r[i].max(1.0))], color.filled())
+                let y0 = row(w) + 0.4 - (i + 1) as f64 * height;
+                Rectangle::new([(1.0, y0), (r[i].max(1.0), y0 + height)], color.filled())
             }))?
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
