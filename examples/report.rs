@@ -745,8 +745,9 @@ struct Target {
     figure: String,
 }
 
-/// The worst (largest) ratio of `rseq` against allocator `j` over rows,
-/// with the row it came from, and the median over rows.
+/// The worst (largest) of some named ratios, with its name, and their
+/// median: a target holds only if its worst row holds, and the median
+/// says whether a miss is one row or all of them.
 fn worst<'a>(rows: impl Iterator<Item = (&'a str, f64)>) -> (String, f64, f64) {
     let v: Vec<(&str, f64)> = rows.collect();
     let (name, w) =
