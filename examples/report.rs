@@ -7,6 +7,7 @@
 //! cargo run --release --example report -- --out DIR     # default target/percpu-report/
 //! cargo run --release --example report -- --json FILE   # add a JSON document (repeatable)
 //! cargo run --release --example report -- --rounds N    # rounds of the whole programs
+//! cargo run --release --example report -- --no-build     # reuse OUT/bin from an earlier run
 //! ```
 //!
 //! Three parts:
@@ -159,6 +160,9 @@ struct Options {
     /// Alloc+free operations per micro chunk.
     chunk_ops: usize,
     json_files: Vec<PathBuf>,
+    /// Reuse the binaries in `OUT/bin`, for a machine with no cargo or no
+    /// registry (the binaries were built elsewhere and copied over).
+    no_build: bool,
 }
 
 const USAGE: &str = "usage: report [--quick | --full] [--out DIR] [--rounds N] [--json FILE]...
@@ -167,7 +171,8 @@ const USAGE: &str = "usage: report [--quick | --full] [--out DIR] [--rounds N] [
   --out DIR    where the report, charts and binaries go (target/percpu-report/)
   --rounds N   rounds of the whole programs
   --json FILE  also run the JSON workload on FILE (repeatable); the corpora in
-               ../shared/data/json are used when that folder exists";
+               ../shared/data/json are used when that folder exists
+  --no-build   use the workload binaries already in OUT/bin";
 
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
     let manifest = FsPath::new(env!("CARGO_MANIFEST_DIR"));
@@ -175,6 +180,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
     let mut out = None;
     let mut rounds = None;
     let mut json_files = Vec::new();
+    let mut no_build = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -190,6 +196,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                 )
             }
             "--json" => json_files.push(PathBuf::from(it.next().ok_or("--json needs a file")?)),
+            "--no-build" => no_build = true,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -208,6 +215,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         micro_rounds: if full { 31 } else { 11 },
         chunk_ops: if full { 1 << 19 } else { 1 << 17 },
         json_files,
+        no_build,
     }))
 }
 
@@ -1021,7 +1029,18 @@ fn memory_chart(file: &FsPath, cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> 
 fn run(opts: &Options) -> Result<(), String> {
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
-    let bins = build_workloads(&opts.out)?;
+    let bins = if opts.no_build {
+        let bins: Vec<PathBuf> = BUILDS
+            .iter()
+            .map(|(name, _)| opts.out.join(format!("bin/workloads-{name}")))
+            .collect();
+        if let Some(missing) = bins.iter().find(|b| !b.is_file()) {
+            return Err(format!("--no-build: {} is missing", missing.display()));
+        }
+        bins
+    } else {
+        build_workloads(&opts.out)?
+    };
     let built = started.elapsed().as_secs_f64();
     let micro = run_micro(opts);
     let cases = cases(opts);
