@@ -1,0 +1,1152 @@
+//! The benchmark report: percpu-alloc beside system malloc, jemalloc and
+//! mimalloc, same work, same run, as a Markdown report and two SVG charts.
+//!
+//! ```text
+//! cargo run --release --example report                  # quick mode (the default), a few minutes
+//! cargo run --release --example report -- --full        # more rounds, bigger workloads
+//! cargo run --release --example report -- --out DIR     # default target/percpu-report/
+//! cargo run --release --example report -- --json FILE   # add a JSON document (repeatable)
+//! cargo run --release --example report -- --rounds N    # rounds of the whole programs
+//! cargo run --release --example report -- --no-build     # reuse OUT/bin from an earlier run
+//! ```
+//!
+//! Three parts:
+//!
+//! 1. Builds `examples/workloads.rs` four times with nested
+//!    `cargo build --release --example workloads` (no feature: system
+//!    malloc; `bench-jemalloc`; `bench-mimalloc`; `global`: percpu) and
+//!    copies each binary to `OUT/bin/`, because cargo writes every build to
+//!    the same path.
+//! 2. Micro workloads in this process (hot pair per size, batches, realloc
+//!    growth), calling each allocator's `GlobalAlloc` directly: short
+//!    chunks taken in turn (system, jemalloc, mimalloc, percpu rseq, percpu
+//!    fallback; each round starts one later), each ratio the median over
+//!    rounds of one chunk's time against the other allocator's chunk of
+//!    the same round. A slow phase of a shared host hits a whole round
+//!    alike, so the ratios hold where absolute times swing.
+//! 3. Whole programs, each allocator the global allocator of its own child
+//!    process (the percpu fallback row is the percpu binary run with
+//!    `GLIBC_TUNABLES=glibc.pthread.rseq=0`; each percpu child checks its
+//!    path and refuses to run on the wrong one), interleaved the same way
+//!    over several rounds: median, min-max spread, per-round ratios, peak
+//!    RSS.
+//!
+//! The report is written to `OUT/report.md` (and printed), the charts to
+//! `OUT/scaling.svg` and `OUT/memory.svg`. Quote ratios, not times.
+
+use std::alloc::System;
+use std::fmt::Write as _;
+use std::path::{Path as FsPath, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use mimalloc::MiMalloc;
+use percpu_alloc::{Config, Path, PerCpuAlloc};
+use tikv_jemallocator::Jemalloc;
+
+#[path = "support/micro.rs"]
+mod micro;
+
+use micro::{Batch, Growth, Order, BATCH_SIZES, PAIR_SIZES};
+
+static PERCPU: PerCpuAlloc = PerCpuAlloc::new();
+static FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+
+/// The five rows of every table, in order.
+const ALLOCS: [&str; 5] = [
+    "system",
+    "jemalloc",
+    "mimalloc",
+    "percpu rseq",
+    "percpu fallback",
+];
+const SYS: usize = 0;
+const JE: usize = 1;
+const MI: usize = 2;
+const RSEQ: usize = 3;
+const FB: usize = 4;
+
+/// Runs `$body` with `$a` bound to allocator number `$i` of [`ALLOCS`],
+/// each arm monomorphised, so no dispatch sits on the measured path.
+macro_rules! on_alloc {
+    ($i:expr, |$a:ident| $body:expr) => {
+        match $i {
+            SYS => {
+                let $a = &System;
+                $body
+            }
+            JE => {
+                let $a = &Jemalloc;
+                $body
+            }
+            MI => {
+                let $a = &MiMalloc;
+                $body
+            }
+            RSEQ => {
+                let $a = &PERCPU;
+                $body
+            }
+            _ => {
+                let $a = &FALLBACK;
+                $body
+            }
+        }
+    };
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Per-round figures of five allocators, kept by round so that ratios are
+/// taken within a round.
+struct Rounds(Vec<[f64; 5]>);
+
+impl Rounds {
+    fn median(&self, i: usize) -> f64 {
+        median(self.0.iter().map(|r| r[i]).collect())
+    }
+
+    /// Median over rounds of `i`'s figure divided by `j`'s.
+    fn ratio(&self, i: usize, j: usize) -> f64 {
+        median(self.0.iter().map(|r| r[i] / r[j]).collect())
+    }
+
+    fn min(&self, i: usize) -> f64 {
+        self.0.iter().map(|r| r[i]).fold(f64::INFINITY, f64::min)
+    }
+
+    fn max(&self, i: usize) -> f64 {
+        self.0.iter().map(|r| r[i]).fold(0.0, f64::max)
+    }
+}
+
+/// Runs `chunk(allocator)` for every allocator, `rounds` times, starting
+/// one allocator later each round, after one unrecorded warm-up chunk each.
+fn interleave(rounds: usize, mut chunk: impl FnMut(usize) -> f64) -> Rounds {
+    for i in 0..ALLOCS.len() {
+        chunk(i);
+    }
+    let mut out = Vec::with_capacity(rounds);
+    for r in 0..rounds {
+        let mut t = [0.0; 5];
+        for k in 0..ALLOCS.len() {
+            let i = (r + k) % ALLOCS.len();
+            t[i] = chunk(i);
+        }
+        out.push(t);
+    }
+    Rounds(out)
+}
+
+// ---------------------------------------------------------------------------
+// Options.
+
+struct Options {
+    full: bool,
+    out: PathBuf,
+    rounds: usize,
+    micro_rounds: usize,
+    /// Alloc+free operations per micro chunk.
+    chunk_ops: usize,
+    json_files: Vec<PathBuf>,
+    /// Reuse the binaries in `OUT/bin`, for a machine with no cargo or no
+    /// registry (the binaries were built elsewhere and copied over).
+    no_build: bool,
+}
+
+const USAGE: &str = "usage: report [--quick | --full] [--out DIR] [--rounds N] [--json FILE]...
+  --quick      the default: 5 rounds of short whole programs, 11 micro rounds
+  --full       7 rounds, bigger programs (1024 threads, depth 18), 31 micro rounds
+  --out DIR    where the report, charts and binaries go (target/percpu-report/)
+  --rounds N   rounds of the whole programs
+  --json FILE  also run the JSON workload on FILE (repeatable); the corpora in
+               ../shared/data/json are used when that folder exists
+  --no-build   use the workload binaries already in OUT/bin";
+
+fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
+    let manifest = FsPath::new(env!("CARGO_MANIFEST_DIR"));
+    let mut full = false;
+    let mut out = None;
+    let mut rounds = None;
+    let mut json_files = Vec::new();
+    let mut no_build = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => full = false,
+            "--full" => full = true,
+            "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a folder")?)),
+            "--rounds" => {
+                rounds = Some(
+                    it.next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n: &usize| n > 0)
+                        .ok_or("--rounds needs a positive number")?,
+                )
+            }
+            "--json" => json_files.push(PathBuf::from(it.next().ok_or("--json needs a file")?)),
+            "--no-build" => no_build = true,
+            "-h" | "--help" => return Ok(None),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let corpora = manifest.join("../shared/data/json");
+    for name in ["canada.json", "citm_catalog.json", "twitter.json"] {
+        let file = corpora.join(name);
+        if file.is_file() {
+            json_files.push(file);
+        }
+    }
+    Ok(Some(Options {
+        full,
+        out: out.unwrap_or_else(|| target_dir().join("percpu-report")),
+        rounds: rounds.unwrap_or(if full { 7 } else { 5 }),
+        micro_rounds: if full { 31 } else { 11 },
+        chunk_ops: if full { 1 << 19 } else { 1 << 17 },
+        json_files,
+        no_build,
+    }))
+}
+
+/// The target folder this program was built in (it runs from
+/// `TARGET/release/examples/`), so the nested builds reuse its artifacts.
+fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .unwrap_or_else(|| FsPath::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+// ---------------------------------------------------------------------------
+// Part 1: the four builds of `workloads`.
+
+/// (binary name, cargo features) of each build.
+const BUILDS: [(&str, &str); 4] = [
+    ("system", ""),
+    ("jemalloc", "bench-jemalloc"),
+    ("mimalloc", "bench-mimalloc"),
+    ("percpu", "global"),
+];
+
+fn build_workloads(out: &FsPath) -> Result<Vec<PathBuf>, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = FsPath::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let target = target_dir();
+    let bin_dir = out.join("bin");
+    std::fs::create_dir_all(&bin_dir).map_err(|e| format!("{}: {e}", bin_dir.display()))?;
+    let mut bins = Vec::new();
+    for (name, features) in BUILDS {
+        eprintln!("building workloads for {name}");
+        let mut cmd = Command::new(&cargo);
+        cmd.args(["build", "--release", "--quiet", "--example", "workloads"])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target);
+        if !features.is_empty() {
+            cmd.args(["--features", features]);
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "cargo build of workloads for {name} failed ({status})"
+            ));
+        }
+        let built = target.join("release/examples/workloads");
+        let bin = bin_dir.join(format!("workloads-{name}"));
+        // Copied to a new file (not over a running one) each time.
+        let _ = std::fs::remove_file(&bin);
+        std::fs::copy(&built, &bin).map_err(|e| format!("{}: {e}", built.display()))?;
+        bins.push(bin);
+    }
+    Ok(bins)
+}
+
+// ---------------------------------------------------------------------------
+// Part 2: micro workloads in this process.
+
+struct MicroRow {
+    group: &'static str,
+    name: String,
+    /// Pair size in bytes, or live blocks of a batch.
+    size: usize,
+    rounds: Rounds,
+}
+
+fn run_micro(opts: &Options) -> Vec<MicroRow> {
+    assert_eq!(
+        FALLBACK.path(),
+        Path::Fallback,
+        "force_fallback was ignored"
+    );
+    let mut rows = Vec::new();
+    let ns_per = |start: Instant, ops: usize| start.elapsed().as_nanos() as f64 / ops as f64;
+    eprint!("micro: hot pair");
+    for size in PAIR_SIZES {
+        let n = opts.chunk_ops;
+        let rounds = interleave(opts.micro_rounds, |i| {
+            let start = Instant::now();
+            on_alloc!(i, |a| micro::pair(a, size, n));
+            ns_per(start, n)
+        });
+        rows.push(MicroRow {
+            group: "pair",
+            name: format!("hot pair, {size} B"),
+            size,
+            rounds,
+        });
+    }
+    eprint!(", batches");
+    for n in BATCH_SIZES {
+        for order in Order::ALL {
+            let mut batch = Batch::new(n, order);
+            let reps = (opts.chunk_ops / n).max(1);
+            let rounds = interleave(opts.micro_rounds, |i| {
+                let start = Instant::now();
+                on_alloc!(i, |a| batch.run(a, reps));
+                ns_per(start, reps * batch.blocks())
+            });
+            rows.push(MicroRow {
+                group: "batch",
+                name: format!("batch of {n}, {} free", order.name()),
+                size: n,
+                rounds,
+            });
+        }
+    }
+    eprintln!(", realloc growth");
+    for g in Growth::ALL {
+        let reps = (opts.chunk_ops / g.calls()).max(1);
+        let rounds = interleave(opts.micro_rounds, |i| {
+            let start = Instant::now();
+            on_alloc!(i, |a| g.run(a, reps));
+            ns_per(start, reps * g.calls())
+        });
+        rows.push(MicroRow {
+            group: "growth",
+            name: g.name().to_string(),
+            size: 0,
+            rounds,
+        });
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------
+// Part 3: whole programs in child processes.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ProdCons,
+    Scaling,
+    ManyThreads,
+    /// The real programs of the targets: JSON, binary-trees, BTreeMap.
+    Real,
+    Other,
+}
+
+struct Case {
+    label: String,
+    kind: Kind,
+    workload: &'static str,
+    args: Vec<String>,
+    /// Threads or pairs, for the scaling chart and tables.
+    threads: usize,
+}
+
+fn cases(opts: &Options) -> Vec<Case> {
+    let full = opts.full;
+    let case = |label: String, kind, workload, args: &[String], threads| Case {
+        label,
+        kind,
+        workload,
+        args: args.to_vec(),
+        threads,
+    };
+    let mut v = Vec::new();
+    let blocks = if full { 1_000_000 } else { 100_000 };
+    for pairs in [1, 2, 4] {
+        v.push(case(
+            format!("prodcons, {pairs} pair{}", if pairs > 1 { "s" } else { "" }),
+            Kind::ProdCons,
+            "prodcons",
+            &[format!("pairs={pairs}"), format!("blocks={blocks}")],
+            pairs,
+        ));
+    }
+    let ops = if full { 1_000_000 } else { 100_000 };
+    for threads in [1, 2, 4, 8, 16, 32] {
+        v.push(case(
+            format!(
+                "scaling, {threads} thread{}",
+                if threads > 1 { "s" } else { "" }
+            ),
+            Kind::Scaling,
+            "scaling",
+            &[format!("threads={threads}"), format!("ops={ops}")],
+            threads,
+        ));
+    }
+    let (threads, steps) = if full { (1024, 10_000) } else { (512, 1_000) };
+    v.push(case(
+        format!("many threads, {threads}"),
+        Kind::ManyThreads,
+        "many_threads",
+        &[format!("threads={threads}"), format!("steps={steps}")],
+        threads,
+    ));
+    let iters = if full { 10 } else { 2 };
+    v.push(case(
+        "json, generated".into(),
+        Kind::Real,
+        "json",
+        &[
+            format!("records={}", if full { 5000 } else { 2000 }),
+            format!("iters={iters}"),
+        ],
+        1,
+    ));
+    for file in &opts.json_files {
+        let stem = file
+            .file_stem()
+            .map_or("?".into(), |s| s.to_string_lossy().into_owned());
+        v.push(case(
+            format!("json, {stem}"),
+            Kind::Real,
+            "json",
+            &[format!("file={}", file.display()), format!("iters={iters}")],
+            1,
+        ));
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let depth = if full { 18 } else { 16 };
+    v.push(case(
+        format!("binary-trees, depth {depth}, {cores} threads"),
+        Kind::Real,
+        "binary_trees",
+        &[format!("depth={depth}"), format!("threads={cores}")],
+        cores,
+    ));
+    let scale = if full { 1 } else { 3 };
+    v.push(case(
+        "BTreeMap<String, Vec<u8>> churn".into(),
+        Kind::Real,
+        "btree",
+        &[format!("ops={}", 600_000 / scale)],
+        1,
+    ));
+    v.push(case(
+        "Vec<Box<[u8]>> churn".into(),
+        Kind::Other,
+        "vec_box",
+        &[format!("ops={}", 12_000_000 / scale / 2)],
+        1,
+    ));
+    v.push(case(
+        "strings (format!, push_str)".into(),
+        Kind::Other,
+        "strings",
+        &[format!("ops={}", 360_000 / scale / 2)],
+        1,
+    ));
+    v
+}
+
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    ns: f64,
+    ops: f64,
+    rss_kib: f64,
+    je_allocated: Option<f64>,
+    je_resident: Option<f64>,
+    cached: Option<f64>,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Runs one child: allocator `i` of [`ALLOCS`] on `case`.
+fn run_child(bins: &[PathBuf], i: usize, case: &Case) -> Result<Sample, String> {
+    let (bin, alloc, path) = match i {
+        SYS => (&bins[0], "system", "-"),
+        JE => (&bins[1], "jemalloc", "-"),
+        MI => (&bins[2], "mimalloc", "-"),
+        RSEQ => (&bins[3], "percpu", "rseq"),
+        _ => (&bins[3], "percpu", "fallback"),
+    };
+    let mut cmd = Command::new(bin);
+    cmd.arg(case.workload).args(&case.args);
+    if i == RSEQ || i == FB {
+        cmd.arg(format!("expect-path={path}"));
+    }
+    if i == FB {
+        cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let what = format!("{} / {}", ALLOCS[i], case.label);
+    if !out.status.success() {
+        return Err(format!(
+            "{what}: child failed ({})\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("result "))
+        .ok_or_else(|| format!("{what}: no result line in {stdout:?}"))?;
+    if field(line, "alloc") != Some(alloc) || field(line, "path") != Some(path) {
+        return Err(format!(
+            "{what}: asked for {alloc} on path {path}, got {line:?}"
+        ));
+    }
+    let num = |key| field(line, key).and_then(|v| v.parse::<f64>().ok());
+    let need = |key| num(key).ok_or_else(|| format!("{what}: no {key} in {line:?}"));
+    Ok(Sample {
+        ns: need("ns")?,
+        ops: need("ops")?,
+        // VmHWM where /proc has it: the child's ru_maxrss starts at this
+        // parent's RSS (see `peak_hwm_kib` in workloads.rs).
+        rss_kib: num("hwm_kib").map_or_else(|| need("maxrss_kib"), Ok)?,
+        je_allocated: num("je_allocated"),
+        je_resident: num("je_resident"),
+        cached: num("cached"),
+    })
+}
+
+/// samples[case][round][allocator]
+fn run_programs(
+    opts: &Options,
+    bins: &[PathBuf],
+    cases: &[Case],
+) -> Result<Vec<Vec<[Sample; 5]>>, String> {
+    let mut samples = vec![Vec::new(); cases.len()];
+    for round in 0..opts.rounds {
+        eprint!("whole programs, round {}/{}:", round + 1, opts.rounds);
+        for (c, case) in cases.iter().enumerate() {
+            eprint!(" {}", case.workload);
+            let mut row = [Sample::default(); 5];
+            for k in 0..ALLOCS.len() {
+                let i = (round + c + k) % ALLOCS.len();
+                row[i] = run_child(bins, i, case)?;
+            }
+            samples[c].push(row);
+        }
+        eprintln!();
+    }
+    Ok(samples)
+}
+
+fn rounds_of(samples: &[[Sample; 5]], f: impl Fn(&Sample) -> f64) -> Rounds {
+    Rounds(samples.iter().map(|r| r.each_ref().map(&f)).collect())
+}
+
+// ---------------------------------------------------------------------------
+// The report.
+
+fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !s.is_empty()).then_some(s)
+}
+
+fn machine_header() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_string());
+    let date =
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| "unknown".into());
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let rustc = command_line(&rustc, &["--version"]).unwrap_or_else(|| "unknown".into());
+    let commit = command_line(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    )
+    .unwrap_or_else(|| "unknown".into());
+    let lock = std::fs::read_to_string(FsPath::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"))
+        .unwrap_or_default();
+    let crates: Vec<String> = [
+        "tikv-jemalloc-sys",
+        "tikv-jemallocator",
+        "mimalloc",
+        "libmimalloc-sys",
+        "serde_json",
+    ]
+    .iter()
+    .filter_map(|name| {
+        let at = lock.find(&format!("name = \"{name}\"\nversion = \""))?;
+        let rest = &lock[at..].lines().nth(1)?;
+        let version = rest.trim_start_matches("version = ").trim_matches('"');
+        // tikv-jemalloc-sys carries jemalloc's git description after '-'.
+        let version = version.split('-').next().unwrap_or(version);
+        Some(format!("{name} {version}"))
+    })
+    .collect();
+    let mut h = String::new();
+    let _ = writeln!(
+        h,
+        "- Machine: {cpu}, {cores} CPUs available, Linux {kernel}, glibc {}",
+        glibc_version()
+    );
+    let _ = writeln!(h, "- Date: {date}");
+    let _ = writeln!(h, "- Compiler: {rustc}");
+    let _ = writeln!(
+        h,
+        "- Crates: percpu-alloc {} (commit {commit}), {}",
+        env!("CARGO_PKG_VERSION"),
+        crates.join(", ")
+    );
+    h
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn glibc_version() -> String {
+    // SAFETY: glibc returns a pointer to a static NUL-terminated string.
+    let v = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+    v.to_string_lossy().into_owned()
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn glibc_version() -> String {
+    "none".into()
+}
+
+fn micro_table(md: &mut String, rows: &[MicroRow]) {
+    let _ = writeln!(
+        md,
+        "| workload | system | jemalloc | mimalloc | percpu rseq | percpu fallback | rseq / jemalloc | rseq / system | rseq / mimalloc | fallback / jemalloc |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let r = &row.rounds;
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            row.name,
+            r.median(SYS),
+            r.median(JE),
+            r.median(MI),
+            r.median(RSEQ),
+            r.median(FB),
+            r.ratio(RSEQ, JE),
+            r.ratio(RSEQ, SYS),
+            r.ratio(RSEQ, MI),
+            r.ratio(FB, JE),
+        );
+    }
+}
+
+fn mib(kib: f64) -> f64 {
+    kib / 1024.0
+}
+
+fn programs_table(md: &mut String, cases: &[Case], samples: &[Vec<[Sample; 5]>]) {
+    let _ = writeln!(
+        md,
+        "| workload | allocator | median ms | min–max ms | vs system | vs jemalloc | peak RSS MiB | jemalloc allocated / resident MiB | cached KiB |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (case, s) in cases.iter().zip(samples) {
+        let t = rounds_of(s, |x| x.ns / 1e6);
+        let rss = rounds_of(s, |x| mib(x.rss_kib));
+        for (i, alloc) in ALLOCS.iter().enumerate() {
+            let je = match (
+                s.iter()
+                    .filter_map(|r| r[i].je_allocated)
+                    .collect::<Vec<_>>(),
+                s.iter()
+                    .filter_map(|r| r[i].je_resident)
+                    .collect::<Vec<_>>(),
+            ) {
+                (a, r) if !a.is_empty() && !r.is_empty() => format!(
+                    "{:.1} / {:.1}",
+                    median(a) / 1048576.0,
+                    median(r) / 1048576.0
+                ),
+                _ => "-".into(),
+            };
+            let cached: Vec<f64> = s.iter().filter_map(|r| r[i].cached).collect();
+            let cached = if cached.is_empty() {
+                "-".into()
+            } else {
+                format!("{:.0}", median(cached) / 1024.0)
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {alloc} | {:.1} | {:.1}–{:.1} | {:.2} | {:.2} | {:.1} | {je} | {cached} |",
+                case.label,
+                t.median(i),
+                t.min(i),
+                t.max(i),
+                t.ratio(i, SYS),
+                t.ratio(i, JE),
+                rss.median(i),
+            );
+        }
+    }
+}
+
+/// Million operations per second of each allocator, from its median time.
+fn throughput(s: &[[Sample; 5]]) -> [f64; 5] {
+    let ops = s.first().map_or(0.0, |r| r[0].ops);
+    let t = rounds_of(s, |x| x.ns);
+    std::array::from_fn(|i| ops / t.median(i) * 1e3)
+}
+
+fn scaling_table(md: &mut String, cases: &[Case], samples: &[Vec<[Sample; 5]>]) {
+    let _ = writeln!(md, "| threads | system | jemalloc | mimalloc | percpu rseq | percpu fallback | rseq / jemalloc (time) |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
+    for (case, s) in cases.iter().zip(samples) {
+        if case.kind != Kind::Scaling {
+            continue;
+        }
+        let m = throughput(s);
+        let r = rounds_of(s, |x| x.ns).ratio(RSEQ, JE);
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {r:.2} |",
+            case.threads, m[0], m[1], m[2], m[3], m[4]
+        );
+    }
+}
+
+/// One target: its text, whether it was met, and the figure behind it.
+struct Target {
+    what: &'static str,
+    met: bool,
+    figure: String,
+}
+
+/// The worst (largest) of some named ratios, with its name, and their
+/// median: a target holds only if its worst row holds, and the median
+/// says whether a miss is one row or all of them.
+fn worst<'a>(rows: impl Iterator<Item = (&'a str, f64)>) -> (String, f64, f64) {
+    let v: Vec<(&str, f64)> = rows.collect();
+    let (name, w) =
+        v.iter().copied().fold(
+            ("none", f64::NEG_INFINITY),
+            |a, b| if b.1 > a.1 { b } else { a },
+        );
+    (name.to_string(), w, median(v.iter().map(|x| x.1).collect()))
+}
+
+fn targets(micro: &[MicroRow], cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> Vec<Target> {
+    let cached = Config::new().cached_size_limit();
+    let pairs = || {
+        micro
+            .iter()
+            .filter(move |r| r.group == "pair" && r.size <= cached)
+    };
+    let mut t = Vec::new();
+    let ratio_target = |what, rows: Vec<(&str, f64)>, limit: f64, strict: bool| {
+        let (name, w, med) = worst(rows.into_iter());
+        Target {
+            what,
+            met: if strict { w < limit } else { w <= limit },
+            figure: format!("worst {w:.2}x ({name}), median {med:.2}x"),
+        }
+    };
+    t.push(ratio_target(
+        "hot pair <= 0.6x jemalloc, every cached class",
+        pairs()
+            .map(|r| (r.name.as_str(), r.rounds.ratio(RSEQ, JE)))
+            .collect(),
+        0.6,
+        false,
+    ));
+    t.push(ratio_target(
+        "hot pair <= 0.3x system malloc, every cached class",
+        pairs()
+            .map(|r| (r.name.as_str(), r.rounds.ratio(RSEQ, SYS)))
+            .collect(),
+        0.3,
+        false,
+    ));
+    t.push(ratio_target(
+        "hot pair faster than mimalloc, every cached class",
+        pairs()
+            .map(|r| (r.name.as_str(), r.rounds.ratio(RSEQ, MI)))
+            .collect(),
+        1.0,
+        true,
+    ));
+    let within = || micro.iter().filter(|r| r.group == "batch" && r.size <= 256);
+    t.push(ratio_target(
+        "batches within the cap (100, 256) faster than jemalloc",
+        within()
+            .map(|r| (r.name.as_str(), r.rounds.ratio(RSEQ, JE)))
+            .collect(),
+        1.0,
+        true,
+    ));
+    t.push(ratio_target(
+        "batches within the cap (100, 256) faster than mimalloc",
+        within()
+            .map(|r| (r.name.as_str(), r.rounds.ratio(RSEQ, MI)))
+            .collect(),
+        1.0,
+        true,
+    ));
+    t.push(ratio_target(
+        "batches past the cap (1000, 10000) <= 1.1x jemalloc",
+        micro
+            .iter()
+            .filter(|r| r.group == "batch" && r.size > 256)
+            .map(|r| (r.name.as_str(), r.rounds.ratio(RSEQ, JE)))
+            .collect(),
+        1.1,
+        false,
+    ));
+    let program_ratios = |kind: Kind| -> Vec<(&str, f64)> {
+        cases
+            .iter()
+            .zip(samples)
+            .filter(|(c, _)| c.kind == kind)
+            .map(|(c, s)| (c.label.as_str(), rounds_of(s, |x| x.ns).ratio(RSEQ, JE)))
+            .collect()
+    };
+    t.push(ratio_target(
+        "producer-consumer no slower than jemalloc (time, every pair count)",
+        program_ratios(Kind::ProdCons),
+        1.0,
+        false,
+    ));
+    t.push(ratio_target(
+        "thread scaling no slower than jemalloc (time, every thread count)",
+        program_ratios(Kind::Scaling),
+        1.0,
+        false,
+    ));
+    for (c, s) in cases.iter().zip(samples) {
+        if c.kind == Kind::ManyThreads {
+            let rss = rounds_of(s, |x| mib(x.rss_kib));
+            let (p, j, f) = (rss.median(RSEQ), rss.median(JE), rss.median(FB));
+            t.push(Target {
+                what: "many threads: peak RSS below jemalloc's",
+                met: p < j,
+                figure: format!(
+                    "{}: rseq {p:.1} MiB, fallback {f:.1} MiB, jemalloc {j:.1} MiB ({:.2}x)",
+                    c.label,
+                    p / j
+                ),
+            });
+        }
+    }
+    let real = program_ratios(Kind::Real);
+    t.push(ratio_target(
+        "real programs no slower than jemalloc, on any",
+        real.clone(),
+        1.0,
+        false,
+    ));
+    let faster = real.iter().filter(|(_, r)| *r < 1.0).count();
+    t.push(Target {
+        what: "real programs faster than jemalloc on at least two",
+        met: faster >= 2,
+        figure: format!(
+            "faster on {faster} of {}: {}",
+            real.len(),
+            real.iter()
+                .map(|(n, r)| format!("{n} {r:.2}x"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    });
+    t
+}
+
+// ---------------------------------------------------------------------------
+// Charts.
+
+const COLORS: [plotters::style::RGBColor; 5] = [
+    plotters::style::RGBColor(120, 120, 120),
+    plotters::style::RGBColor(31, 119, 180),
+    plotters::style::RGBColor(44, 160, 44),
+    plotters::style::RGBColor(214, 39, 40),
+    plotters::style::RGBColor(255, 127, 14),
+];
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Throughput against threads, one line per allocator, threads on a log2
+/// axis (1 to 32).
+fn scaling_chart(
+    file: &FsPath,
+    cases: &[Case],
+    samples: &[Vec<[Sample; 5]>],
+    cores: usize,
+) -> DrawResult {
+    use plotters::prelude::*;
+    let points: Vec<(f64, [f64; 5])> = cases
+        .iter()
+        .zip(samples)
+        .filter(|(c, _)| c.kind == Kind::Scaling)
+        .map(|(c, s)| ((c.threads as f64).log2(), throughput(s)))
+        .collect();
+    let xmax = points.iter().map(|p| p.0).fold(0.0, f64::max);
+    let ymax = points.iter().flat_map(|p| p.1).fold(0.0, f64::max) * 1.15;
+    let root = SVGBackend::new(file, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Thread scaling: churn throughput ({cores} CPUs)"),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(-0.2..xmax + 0.2, 0.0..ymax.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_labels(points.len().max(2))
+        .x_label_formatter(&|x| format!("{}", 2f64.powf(*x).round() as u64))
+        .x_desc("threads")
+        .y_desc("million alloc+free per second")
+        .draw()?;
+    for (i, name) in ALLOCS.iter().enumerate() {
+        let color = COLORS[i];
+        let line: Vec<(f64, f64)> = points.iter().map(|p| (p.0, p.1[i])).collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Peak RSS of every workload, a bar per allocator. Horizontal, so the
+/// workload names read as plain text at the left.
+fn memory_chart(file: &FsPath, cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> DrawResult {
+    use plotters::prelude::*;
+    let rss: Vec<[f64; 5]> = samples
+        .iter()
+        .map(|s| {
+            let r = rounds_of(s, |x| mib(x.rss_kib));
+            std::array::from_fn(|i| r.median(i))
+        })
+        .collect();
+    let n = cases.len();
+    let xmax = rss.iter().flatten().fold(0.0, |a: f64, &b| a.max(b)) * 1.5;
+    let root = SVGBackend::new(file, (1000, 120 + 36 * n as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Peak RSS per workload (median of rounds)",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(260)
+        // Log scale: mimalloc's many-threads peak is tens of times the rest.
+        .build_cartesian_2d((1.0..xmax.max(2.0)).log_scale(), -0.5..n as f64 - 0.5)?;
+    // The first workload at the top.
+    let row = |w: usize| (n - 1 - w) as f64;
+    let labels: Vec<String> = cases.iter().map(|c| c.label.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n)
+        .y_label_formatter(&|y| {
+            let k = y.round();
+            if (y - k).abs() < 1e-6 && k >= 0.0 && (k as usize) < n {
+                labels[n - 1 - k as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_style(("sans-serif", 13))
+        .x_desc("peak RSS, MiB (VmHWM, log scale)")
+        .draw()?;
+    let height = 0.8 / ALLOCS.len() as f64;
+    for (i, name) in ALLOCS.iter().enumerate() {
+        let color = COLORS[i];
+        chart
+            .draw_series(rss.iter().enumerate().map(|(w, r)| {
+                let y0 = row(w) + 0.4 - (i + 1) as f64 * height;
+                Rectangle::new([(1.0, y0), (r[i].max(1.0), y0 + height)], color.filled())
+            }))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+
+fn run(opts: &Options) -> Result<(), String> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
+    let bins = if opts.no_build {
+        let bins: Vec<PathBuf> = BUILDS
+            .iter()
+            .map(|(name, _)| opts.out.join(format!("bin/workloads-{name}")))
+            .collect();
+        if let Some(missing) = bins.iter().find(|b| !b.is_file()) {
+            return Err(format!("--no-build: {} is missing", missing.display()));
+        }
+        bins
+    } else {
+        build_workloads(&opts.out)?
+    };
+    let built = started.elapsed().as_secs_f64();
+    let micro = run_micro(opts);
+    let cases = cases(opts);
+    let samples = run_programs(opts, &bins, &cases)?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# percpu-alloc benchmark report\n");
+    md.push_str(&machine_header());
+    let _ = writeln!(
+        md,
+        "- Mode: {} ({} micro rounds of {} operations per chunk, {} rounds of whole programs); percpu rseq row on the {} path",
+        if opts.full { "full" } else { "quick" },
+        opts.micro_rounds,
+        opts.chunk_ops,
+        opts.rounds,
+        PERCPU.path()
+    );
+    let _ = writeln!(
+        md,
+        "\nOn a shared machine only ratios taken side by side mean much: every ratio here is the median over rounds of a per-round ratio, the allocators interleaved in each round.\n"
+    );
+
+    let _ = writeln!(md, "## Targets (percpu on the rseq path)\n");
+    let _ = writeln!(md, "| target | result | figure |");
+    let _ = writeln!(md, "|---|---|---|");
+    for t in targets(&micro, &cases, &samples) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            t.what,
+            if t.met { "met" } else { "missed" },
+            t.figure
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## Micro-benchmarks (in-process, each allocator's GlobalAlloc called directly)\n"
+    );
+    let _ = writeln!(
+        md,
+        "Median ns per alloc+free (pairs, batches) or per allocator call (growth); ratios are medians of per-round ratios. Batches are {}-byte blocks; the cap is 256 blocks per class per CPU.\n",
+        micro::BATCH_BLOCK
+    );
+    micro_table(&mut md, &micro);
+
+    let _ = writeln!(
+        md,
+        "\n## Thread scaling (million alloc+free per second, from median times)\n"
+    );
+    scaling_table(&mut md, &cases, &samples);
+
+    let _ = writeln!(
+        md,
+        "\n## Whole programs (each allocator the process's global allocator)\n"
+    );
+    let _ = writeln!(
+        md,
+        "Wall time of the workload alone, median and min–max over {} rounds; ratios are medians of per-round ratios (below 1 is faster). Peak RSS is the child's `VmHWM` (its own peak resident memory; its `ru_maxrss` would start at the parent's RSS, as Linux carries it over the spawn); jemalloc's `stats.allocated` / `stats.resident` and the per-CPU caches' bytes are read when the workload ends.\n",
+        opts.rounds
+    );
+    programs_table(&mut md, &cases, &samples);
+
+    let scaling_svg = opts.out.join("scaling.svg");
+    let memory_svg = opts.out.join("memory.svg");
+    scaling_chart(&scaling_svg, &cases, &samples, cores)
+        .map_err(|e| format!("scaling chart: {e}"))?;
+    memory_chart(&memory_svg, &cases, &samples).map_err(|e| format!("memory chart: {e}"))?;
+    let _ = writeln!(
+        md,
+        "\n## Charts\n\n![thread scaling](scaling.svg)\n\n![peak RSS](memory.svg)"
+    );
+    let _ = writeln!(
+        md,
+        "\nThe run took {:.0} s ({:.0} s of it building the workload binaries).",
+        started.elapsed().as_secs_f64(),
+        built
+    );
+    let report = opts.out.join("report.md");
+    std::fs::write(&report, &md).map_err(|e| format!("{}: {e}", report.display()))?;
+    println!("{md}");
+    eprintln!(
+        "wrote {}, {} and {}",
+        report.display(),
+        scaling_svg.display(),
+        memory_svg.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match parse_args(&args) {
+        Ok(Some(opts)) => run(&opts),
+        Ok(None) => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Err(e) => Err(format!("{e}\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

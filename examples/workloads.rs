@@ -1,0 +1,665 @@
+//! Whole-program workloads, run under whichever global allocator this
+//! build was given, for `examples/report.rs` to compare.
+//!
+//! A process has one global allocator, fixed when it is linked, so the
+//! comparison needs one binary per allocator; the cargo features pick it,
+//! exactly the switch an application would copy:
+//!
+//! ```text
+//! cargo build --release --example workloads                            # system malloc
+//! cargo build --release --example workloads --features bench-jemalloc  # tikv-jemallocator
+//! cargo build --release --example workloads --features bench-mimalloc  # mimalloc
+//! cargo build --release --example workloads --features global          # percpu_alloc::GLOBAL
+//! ```
+//!
+//! The percpu build runs on the rseq path where glibc registered rseq; run
+//! it with `GLIBC_TUNABLES=glibc.pthread.rseq=0` for the try-lock fallback.
+//! `expect-path=rseq|fallback` makes the program refuse to run on the other
+//! path, so a report row can never carry the wrong path's figures.
+//!
+//! ```text
+//! workloads WORKLOAD [key=value ...]
+//! workloads scaling threads=8 ops=200000
+//! workloads json file=../shared/data/json/twitter.json iters=5
+//! ```
+//!
+//! Workloads (and their keys): `prodcons` (pairs, blocks), `scaling`
+//! (threads, ops), `many_threads` (threads, hold, steps), `json` (file or
+//! none for a generated document, iters, records), `binary_trees` (depth,
+//! threads), `btree` (ops), `vec_box` (ops), `strings` (ops).
+//!
+//! Each one checks its own result (checksums, block patterns) and fails
+//! loudly rather than report a time for wrong work. The last line of
+//! output is the result:
+//!
+//! ```text
+//! result workload=scaling alloc=percpu path=rseq ns=.. ops=.. maxrss_kib=.. hwm_kib=.. je_allocated=.. je_resident=.. cached=.. check=..
+//! ```
+//!
+//! `ns` is the wall time of the workload alone (not process start, input
+//! loading or exit). `maxrss_kib` is `getrusage(RUSAGE_SELF).ru_maxrss`;
+//! `hwm_kib` is `VmHWM` from `/proc/self/status`, the peak of this
+//! process's own memory, which the report uses (see [`peak_hwm_kib`]). `je_*` are jemalloc's `stats.allocated` and
+//! `stats.resident` at the end of the workload, for the builds where
+//! jemalloc serves the program (jemalloc, percpu); `cached` is what the
+//! per-CPU caches held then (percpu only); `-` where a field does not apply.
+
+#[cfg(all(feature = "global", feature = "bench-jemalloc"))]
+compile_error!("pick one allocator: the features global and bench-jemalloc exclude each other");
+#[cfg(all(feature = "global", feature = "bench-mimalloc"))]
+compile_error!("pick one allocator: the features global and bench-mimalloc exclude each other");
+#[cfg(all(feature = "bench-jemalloc", feature = "bench-mimalloc"))]
+compile_error!(
+    "pick one allocator: the features bench-jemalloc and bench-mimalloc exclude each other"
+);
+
+#[cfg(feature = "bench-jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(feature = "bench-mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::ExitCode;
+use std::sync::{mpsc, Barrier};
+use std::thread;
+use std::time::Instant;
+
+/// The allocator this build serves with; with the feature `global` the
+/// library installed `percpu_alloc::GLOBAL` and this example declares none.
+const ALLOCATOR: &str = if cfg!(feature = "global") {
+    "percpu"
+} else if cfg!(feature = "bench-jemalloc") {
+    "jemalloc"
+} else if cfg!(feature = "bench-mimalloc") {
+    "mimalloc"
+} else {
+    "system"
+};
+
+/// The per-CPU path that serves this process, for the percpu build.
+#[cfg(feature = "global")]
+fn path() -> Option<String> {
+    Some(percpu_alloc::GLOBAL.path().to_string())
+}
+
+#[cfg(not(feature = "global"))]
+fn path() -> Option<String> {
+    None
+}
+
+#[cfg(feature = "global")]
+fn cached_bytes() -> Option<usize> {
+    Some(percpu_alloc::GLOBAL.cached_bytes())
+}
+
+#[cfg(not(feature = "global"))]
+fn cached_bytes() -> Option<usize> {
+    None
+}
+
+/// jemalloc's own view of the heap, where jemalloc is the backend; its
+/// counters are cached per thread and summed on an epoch advance, so the
+/// epoch moves first.
+fn jemalloc_stats() -> Option<(usize, usize)> {
+    if !(cfg!(feature = "global") || cfg!(feature = "bench-jemalloc")) {
+        return None;
+    }
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
+    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()?;
+    Some((allocated, resident))
+}
+
+/// The peak resident set of this program's own address space (`VmHWM`).
+/// `ru_maxrss` is printed too, but on Linux it carries over an `execve`
+/// the high-water mark of the address space that made the call, and
+/// `std::process::Command` spawns with `vfork` semantics, so a child's
+/// `ru_maxrss` is never below its parent's RSS.
+fn peak_hwm_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn peak_rss_kib() -> u64 {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage` for the call to fill.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if rc == 0 {
+        // Linux reports ru_maxrss in KiB.
+        usage.ru_maxrss.max(0) as u64
+    } else {
+        0
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers shared by the workloads.
+
+/// xorshift64 with a fixed seed per workload and thread: every allocator
+/// sees the same sequence of requests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A block whose content tells its length, so a block handed out twice or
+/// written by someone else is caught when it is checked.
+fn filled(len: usize) -> Box<[u8]> {
+    vec![len as u8; len].into_boxed_slice()
+}
+
+fn check_filled(b: &[u8]) -> bool {
+    let tag = b.len() as u8;
+    b.first().map_or(true, |&x| x == tag) && b.last().map_or(true, |&x| x == tag)
+}
+
+/// What a workload hands back: operations done and a checksum of its
+/// result, printed so that the work cannot be optimised away.
+struct Done {
+    ops: u64,
+    check: u64,
+}
+
+type Params = HashMap<String, String>;
+
+fn param(params: &Params, key: &str, default: usize) -> Result<usize, String> {
+    match params.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("{key}={v:?} is not a number")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Workloads.
+
+/// `pairs` producer threads each allocate `blocks` boxes (8..=256 bytes),
+/// in batches of 64, and send them through a bounded channel to their own
+/// consumer thread, which checks and frees them: every free is on another
+/// thread than the alloc.
+fn prodcons(pairs: usize, blocks: usize) -> Result<Done, String> {
+    const BATCH: usize = 64;
+    let batches = blocks.div_ceil(BATCH);
+    let mut handles = Vec::new();
+    for p in 0..pairs {
+        let (tx, rx) = mpsc::sync_channel::<Vec<Box<[u8]>>>(8);
+        let producer = thread::spawn(move || {
+            let mut rng = Rng(0x5EED_1000 + p as u64);
+            let mut sent = 0u64;
+            for _ in 0..batches {
+                let batch: Vec<Box<[u8]>> =
+                    (0..BATCH).map(|_| filled(8 + rng.below(249))).collect();
+                sent += batch.iter().map(|b| b.len() as u64).sum::<u64>();
+                if tx.send(batch).is_err() {
+                    break;
+                }
+            }
+            sent
+        });
+        let consumer = thread::spawn(move || {
+            let (mut received, mut bad) = (0u64, 0u64);
+            for batch in rx {
+                for b in batch {
+                    bad += u64::from(!check_filled(&b));
+                    received += b.len() as u64;
+                }
+            }
+            (received, bad)
+        });
+        handles.push((producer, consumer));
+    }
+    let mut check = 0;
+    for (producer, consumer) in handles {
+        let sent = producer.join().map_err(|_| "a producer panicked")?;
+        let (received, bad) = consumer.join().map_err(|_| "a consumer panicked")?;
+        if bad != 0 || sent != received {
+            return Err(format!(
+                "sent {sent} bytes, received {received}, {bad} blocks overwritten"
+            ));
+        }
+        check += sent;
+    }
+    Ok(Done {
+        ops: (pairs * batches * BATCH) as u64,
+        check,
+    })
+}
+
+/// `threads` threads each replace a random one of 64 live blocks
+/// (8..=512 bytes) `ops` times, checking the block it drops.
+fn scaling(threads: usize, ops: usize) -> Result<Done, String> {
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            thread::spawn(move || {
+                let mut rng = Rng(0x5EED_2000 + t as u64);
+                let mut ring: Vec<Box<[u8]>> =
+                    (0..64).map(|_| filled(8 + rng.below(505))).collect();
+                let mut bad = 0u64;
+                let mut sum = 0u64;
+                for _ in 0..ops {
+                    let i = rng.below(ring.len());
+                    let fresh = filled(8 + rng.below(505));
+                    let old = std::mem::replace(&mut ring[i], fresh);
+                    bad += u64::from(!check_filled(&old));
+                    sum += old.len() as u64;
+                }
+                (sum, bad)
+            })
+        })
+        .collect();
+    let mut check = 0;
+    for w in workers {
+        let (sum, bad) = w.join().map_err(|_| "a worker panicked")?;
+        if bad != 0 {
+            return Err(format!("{bad} blocks were overwritten"));
+        }
+        check += sum;
+    }
+    Ok(Done {
+        ops: (threads * ops) as u64,
+        check,
+    })
+}
+
+/// Many more threads than cores, all alive at once: each holds `hold`
+/// blocks (16..=256 bytes), churns them `steps` times, and waits for the
+/// others before it frees them and exits, so the peak RSS sees every
+/// thread's blocks and whatever each allocator keeps per thread or per CPU.
+fn many_threads(threads: usize, hold: usize, steps: usize) -> Result<Done, String> {
+    let barrier = std::sync::Arc::new(Barrier::new(threads));
+    let mut workers = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let barrier = barrier.clone();
+        let w = thread::Builder::new()
+            .stack_size(128 << 10)
+            .spawn(move || {
+                let mut rng = Rng(0x5EED_3000 + t as u64);
+                let mut held: Vec<Box<[u8]>> =
+                    (0..hold).map(|_| filled(16 + rng.below(241))).collect();
+                barrier.wait();
+                let mut bad = 0u64;
+                let mut sum = 0u64;
+                for _ in 0..steps {
+                    let i = rng.below(held.len());
+                    let fresh = filled(16 + rng.below(241));
+                    let old = std::mem::replace(&mut held[i], fresh);
+                    bad += u64::from(!check_filled(&old));
+                    sum += old.len() as u64;
+                }
+                barrier.wait();
+                bad += held.iter().filter(|b| !check_filled(b)).count() as u64;
+                (sum, bad)
+            })
+            .map_err(|e| format!("cannot start thread {t}: {e}"))?;
+        workers.push(w);
+    }
+    let mut check = 0;
+    for w in workers {
+        let (sum, bad) = w.join().map_err(|_| "a worker panicked")?;
+        if bad != 0 {
+            return Err(format!("{bad} blocks were overwritten"));
+        }
+        check += sum;
+    }
+    Ok(Done {
+        ops: (threads * (hold + steps)) as u64,
+        check,
+    })
+}
+
+/// A JSON document made here, for when no corpus is given: `records`
+/// objects with strings, numbers, arrays and a nested object, the mix of
+/// a typical API response.
+fn generated_json(records: usize) -> String {
+    let mut rng = Rng(0x5EED_4000);
+    let items: Vec<serde_json::Value> = (0..records)
+        .map(|i| {
+            let tags: Vec<String> = (0..rng.below(6))
+                .map(|j| format!("tag-{}", (i + j) % 37))
+                .collect();
+            serde_json::json!({
+                "id": i,
+                "name": format!("user {i} {}", "x".repeat(rng.below(24))),
+                "active": i % 3 == 0,
+                "score": rng.below(1_000_000) as f64 / 1000.0,
+                "tags": tags,
+                "location": {"lat": rng.below(180_000) as f64 / 1000.0 - 90.0,
+                             "lon": rng.below(360_000) as f64 / 1000.0 - 180.0,
+                             "city": format!("city-{}", rng.below(500))},
+                "history": (0..rng.below(8)).map(|_| rng.below(10_000)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::to_string(&serde_json::json!({"version": 1, "items": items}))
+        .expect("a Value always serializes")
+}
+
+/// serde_json parse into a `Value` and serialize back, `iters` times; the
+/// output must have the same length every time and be a fixed point of
+/// parse-and-serialize.
+fn json(text: &str, iters: usize) -> Result<Done, String> {
+    let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).map_err(|e| e.to_string());
+    let mut first_len = None;
+    let mut check = 0u64;
+    let mut last = String::new();
+    for _ in 0..iters {
+        let value = parse(text)?;
+        let out = serde_json::to_string(&value).map_err(|e| e.to_string())?;
+        if *first_len.get_or_insert(out.len()) != out.len() {
+            return Err("serialized output changed between iterations".into());
+        }
+        check += out.len() as u64;
+        last = out;
+    }
+    // The output, parsed and written again, must come out the same: a
+    // block overwritten or handed out twice would show as a difference.
+    if iters > 0 {
+        let again = serde_json::to_string(&parse(&last)?).map_err(|e| e.to_string())?;
+        if let Some(at) = again.bytes().zip(last.bytes()).position(|(a, b)| a != b) {
+            let near = |t: &str| {
+                t.get(at.saturating_sub(40)..(at + 40).min(t.len()))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            return Err(format!(
+                "the serialized document does not parse back to itself at byte {at}: {:?} vs {:?}",
+                near(&last),
+                near(&again)
+            ));
+        }
+    }
+    Ok(Done {
+        ops: iters as u64,
+        check,
+    })
+}
+
+/// One `Box` per node (two child pointers, 16 bytes).
+struct Node {
+    left: Option<Box<Node>>,
+    right: Option<Box<Node>>,
+}
+
+fn build(depth: u32) -> Box<Node> {
+    if depth == 0 {
+        Box::new(Node {
+            left: None,
+            right: None,
+        })
+    } else {
+        Box::new(Node {
+            left: Some(build(depth - 1)),
+            right: Some(build(depth - 1)),
+        })
+    }
+}
+
+fn count(node: &Node) -> u64 {
+    1 + node.left.as_deref().map_or(0, count) + node.right.as_deref().map_or(0, count)
+}
+
+/// The binary-trees benchmark: a long-lived tree of the maximum depth
+/// stays while, for each smaller depth, many short-lived trees are built,
+/// counted and dropped, their iterations split over `threads` threads.
+fn binary_trees(max_depth: u32, threads: usize) -> Result<Done, String> {
+    const MIN_DEPTH: u32 = 4;
+    let long_lived = build(max_depth);
+    let mut total = 0;
+    for depth in (MIN_DEPTH..=max_depth).step_by(2) {
+        let iterations = 1u64 << (max_depth - depth + MIN_DEPTH);
+        let per_thread = iterations.div_ceil(threads as u64);
+        let nodes: u64 = thread::scope(|s| {
+            let workers: Vec<_> = (0..threads as u64)
+                .map(|t| {
+                    s.spawn(move || {
+                        let mine = per_thread.min(iterations.saturating_sub(t * per_thread));
+                        (0..mine).map(|_| count(&build(depth))).sum::<u64>()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+        });
+        let expected = iterations * ((1u64 << (depth + 1)) - 1);
+        if nodes != expected {
+            return Err(format!("depth {depth}: {nodes} nodes, expected {expected}"));
+        }
+        total += nodes;
+    }
+    let long = count(&long_lived);
+    if long != (1u64 << (max_depth + 1)) - 1 {
+        return Err(format!("the long-lived tree has {long} nodes"));
+    }
+    Ok(Done {
+        ops: total + long,
+        check: total + long,
+    })
+}
+
+/// Insert/remove churn on a `BTreeMap<String, Vec<u8>>` over 20 000 keys:
+/// node splits and merges, key strings and values of 0..128 bytes.
+fn btree(ops: usize) -> Result<Done, String> {
+    let mut rng = Rng(0x5EED_5000);
+    let mut map: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // What the map should hold, kept apart from it.
+    let mut bytes = 0usize;
+    for _ in 0..ops {
+        let key = format!("key-{:08x}", rng.below(20_000) * 0x9E37);
+        if rng.below(3) < 2 {
+            let len = rng.below(128);
+            bytes += len;
+            if let Some(old) = map.insert(key, vec![len as u8; len]) {
+                bytes -= old.len();
+            }
+        } else if let Some(old) = map.remove(&key) {
+            bytes -= old.len();
+        }
+    }
+    let mut held = 0usize;
+    for v in map.values() {
+        if v.iter().any(|&x| x != v.len() as u8) {
+            return Err("a map value was overwritten".into());
+        }
+        held += v.len();
+    }
+    if held != bytes {
+        return Err(format!(
+            "the map holds {held} value bytes, expected {bytes}"
+        ));
+    }
+    Ok(Done {
+        ops: ops as u64,
+        check: (map.len() + held) as u64,
+    })
+}
+
+/// Random pushes and removals on a `Vec<Box<[u8]>>` of 1..=256-byte
+/// blocks, its length drifting between empty and a few thousand, so the
+/// live set of a class sometimes fits the per-CPU cap and sometimes not.
+fn vec_box(ops: usize) -> Result<Done, String> {
+    let mut rng = Rng(0x5EED_6000);
+    let mut live: Vec<Box<[u8]>> = Vec::new();
+    let mut target = 0;
+    let mut freed = 0u64;
+    for step in 0..ops {
+        if step % 20_000 == 0 {
+            target = rng.below(6000);
+        }
+        if live.len() < target || (live.len() == target && rng.next() & 1 == 0) {
+            live.push(filled(1 + rng.below(256)));
+        } else if !live.is_empty() {
+            let b = if rng.next() & 3 == 0 {
+                live.pop().unwrap_or_default()
+            } else {
+                live.swap_remove(rng.below(live.len()))
+            };
+            if !check_filled(&b) {
+                return Err(format!("a block of {} bytes was overwritten", b.len()));
+            }
+            freed += b.len() as u64;
+        }
+    }
+    let kept: u64 = live.iter().map(|b| b.len() as u64).sum();
+    Ok(Done {
+        ops: ops as u64,
+        check: freed + kept,
+    })
+}
+
+fn digits(mut n: usize) -> usize {
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
+    }
+    d
+}
+
+/// Strings built piece by piece with `format!` and `push_str`, so they
+/// grow through realloc; a window of recent ones stays alive so that the
+/// frees are not strictly LIFO.
+fn strings(ops: usize) -> Result<Done, String> {
+    let mut window: Vec<String> = Vec::with_capacity(64);
+    let (mut total, mut expected) = (0u64, 0u64);
+    for i in 0..ops {
+        let mut s = String::new();
+        for j in 0..(i % 16) {
+            s.push_str(&format!("{i}-{j};"));
+            expected += (digits(i) + digits(j) + 2) as u64;
+        }
+        s.push_str("end");
+        expected += 3;
+        total += s.len() as u64;
+        if window.len() == 64 {
+            window.swap_remove(i % 64);
+        }
+        window.push(s);
+    }
+    if total != expected {
+        return Err(format!(
+            "built {total} bytes of strings, expected {expected}"
+        ));
+    }
+    Ok(Done {
+        ops: ops as u64,
+        check: total,
+    })
+}
+
+// ---------------------------------------------------------------------------
+
+fn run(workload: &str, params: &Params) -> Result<(), String> {
+    let threads_default = thread::available_parallelism().map_or(2, |n| n.get());
+    // Inputs are read or generated before the clock starts.
+    let json_text = if workload == "json" {
+        Some(match params.get("file") {
+            Some(file) => {
+                std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?
+            }
+            None => generated_json(param(params, "records", 5_000)?),
+        })
+    } else {
+        None
+    };
+    // Made before timing, so that mapping the per-CPU table is not timed.
+    let path = path();
+    if let Some(expected) = params.get("expect-path") {
+        if path.as_deref() != Some(expected.as_str()) {
+            return Err(format!(
+                "expected the {expected} path, but this {ALLOCATOR} build runs on {}",
+                path.as_deref().unwrap_or("no per-CPU path")
+            ));
+        }
+    }
+    let start = Instant::now();
+    let done = match workload {
+        "prodcons" => prodcons(
+            param(params, "pairs", 1)?,
+            param(params, "blocks", 200_000)?,
+        ),
+        "scaling" => scaling(
+            param(params, "threads", threads_default)?,
+            param(params, "ops", 200_000)?,
+        ),
+        "many_threads" => many_threads(
+            param(params, "threads", 512)?,
+            param(params, "hold", 64)?,
+            param(params, "steps", 2_000)?,
+        ),
+        "json" => json(
+            json_text.as_deref().unwrap_or_default(),
+            param(params, "iters", 5)?,
+        ),
+        "binary_trees" => binary_trees(
+            param(params, "depth", 16)? as u32,
+            param(params, "threads", threads_default)?.max(1),
+        ),
+        "btree" => btree(param(params, "ops", 300_000)?),
+        "vec_box" => vec_box(param(params, "ops", 3_000_000)?),
+        "strings" => strings(param(params, "ops", 90_000)?),
+        other => return Err(format!("unknown workload {other:?}")),
+    }?;
+    let ns = start.elapsed().as_nanos();
+    let maxrss_kib = peak_rss_kib();
+    let hwm_kib = peak_hwm_kib().map_or_else(|| "-".into(), |k| k.to_string());
+    let (je_allocated, je_resident) = match jemalloc_stats() {
+        Some((a, r)) => (a.to_string(), r.to_string()),
+        None => ("-".into(), "-".into()),
+    };
+    let cached = cached_bytes().map_or_else(|| "-".into(), |c| c.to_string());
+    println!(
+        "result workload={workload} alloc={ALLOCATOR} path={} ns={ns} ops={} \
+         maxrss_kib={maxrss_kib} hwm_kib={hwm_kib} je_allocated={je_allocated} je_resident={je_resident} \
+         cached={cached} check={}",
+        path.as_deref().unwrap_or("-"),
+        done.ops,
+        done.check
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(workload) = args.first() else {
+        eprintln!(
+            "usage: workloads WORKLOAD [key=value ...] (see the top of examples/workloads.rs)"
+        );
+        return ExitCode::FAILURE;
+    };
+    let mut params = Params::new();
+    for arg in &args[1..] {
+        match arg.split_once('=') {
+            Some((k, v)) => {
+                params.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                eprintln!("workloads: expected key=value, got {arg:?}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match run(workload, &params) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("workloads ({ALLOCATOR}, {workload}): {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
