@@ -35,14 +35,30 @@ struct Setup {
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Alloc { cpu: usize, class: Class },
+    Alloc {
+        cpu: usize,
+        class: Class,
+    },
     /// Frees one of the blocks the test holds, in its own class.
-    Free { pick: Index, cpu: usize, ctx: Context },
+    Free {
+        pick: Index,
+        cpu: usize,
+        ctx: Context,
+    },
     /// An alloc while someone else holds the CPU's slot.
-    BusyAlloc { cpu: usize, class: Class },
+    BusyAlloc {
+        cpu: usize,
+        class: Class,
+    },
     /// A free while someone else holds the CPU's slot.
-    BusyFree { pick: Index, cpu: usize, ctx: Context },
-    TakeDeferred { cpu: usize },
+    BusyFree {
+        pick: Index,
+        cpu: usize,
+        ctx: Context,
+    },
+    TakeDeferred {
+        cpu: usize,
+    },
 }
 
 /// An outcome with the block it names, comparable across engine and model.
@@ -293,12 +309,41 @@ fn compare_lists(engine: &Engine, model: &Model) -> Result<(), TestCaseError> {
                 None => (Vec::new(), Vec::new()),
             };
             // nr and nr_sig first: they are what the rules read.
-            prop_assert_eq!(task_len(task) as usize, want_task.len(), "nr, cpu {} class {}", cpu, class);
-            prop_assert_eq!(lists.sig.len() as usize, want_sig.len(), "nr_sig, cpu {} class {}", cpu, class);
-            prop_assert_eq!(walk(task)?, want_task, "task list, cpu {} class {}", cpu, class);
-            prop_assert_eq!(walk(lists.sig.word())?, want_sig, "signal list, cpu {} class {}", cpu, class);
+            prop_assert_eq!(
+                task_len(task) as usize,
+                want_task.len(),
+                "nr, cpu {} class {}",
+                cpu,
+                class
+            );
+            prop_assert_eq!(
+                lists.sig.len() as usize,
+                want_sig.len(),
+                "nr_sig, cpu {} class {}",
+                cpu,
+                class
+            );
+            prop_assert_eq!(
+                walk(task)?,
+                want_task,
+                "task list, cpu {} class {}",
+                cpu,
+                class
+            );
+            prop_assert_eq!(
+                walk(lists.sig.word())?,
+                want_sig,
+                "signal list, cpu {} class {}",
+                cpu,
+                class
+            );
         }
-        prop_assert_eq!(walk(cache.deferred.word())?, top_first(deferred), "deferred, cpu {}", cpu);
+        prop_assert_eq!(
+            walk(cache.deferred.word())?,
+            top_first(deferred),
+            "deferred, cpu {}",
+            cpu
+        );
     }
     Ok(())
 }
@@ -342,7 +387,10 @@ fn run_case(s: Setup, ops: &[Op], seen: &mut Seen) -> Result<(), TestCaseError> 
             Op::Alloc { cpu, class } | Op::BusyAlloc { cpu, class } => {
                 let busy = matches!(op, Op::BusyAlloc { .. });
                 let (cpu, class) = (cpu % s.cpus, class % s.classes);
-                (engine.alloc(cpu, class, busy), model.alloc(cpu, class, busy))
+                (
+                    engine.alloc(cpu, class, busy),
+                    model.alloc(cpu, class, busy),
+                )
             }
             Op::Free { pick, cpu, ctx } | Op::BusyFree { pick, cpu, ctx } => {
                 if engine.held.is_empty() {
@@ -358,7 +406,12 @@ fn run_case(s: Setup, ops: &[Op], seen: &mut Seen) -> Result<(), TestCaseError> 
             }
             Op::TakeDeferred { cpu } => {
                 let cpu = cpu % s.cpus;
-                prop_assert_eq!(engine.take_deferred(cpu), model.take_deferred(cpu), "step {}", step);
+                prop_assert_eq!(
+                    engine.take_deferred(cpu),
+                    model.take_deferred(cpu),
+                    "step {}",
+                    step
+                );
                 compare_lists(&engine, &model)?;
                 continue;
             }
