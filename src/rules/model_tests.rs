@@ -214,7 +214,7 @@ impl Engine {
         unsafe { &*self.table }
     }
 
-    fn from_jemalloc(&mut self) -> usize {
+    fn jemalloc_alloc(&mut self) -> usize {
         self.jemalloc.pop().unwrap_or_else(|| {
             self.pool.push(Box::new([0; 4]));
             self.pool.last_mut().unwrap().as_mut_ptr() as usize
@@ -233,8 +233,8 @@ impl Engine {
         let (outcome, block) = match a {
             Alloc::Hit(p) => (Outcome::Hit(p as usize), p as usize),
             Alloc::Spliced(p) => (Outcome::Spliced(p as usize), p as usize),
-            Alloc::Miss => (Outcome::Miss, self.from_jemalloc()),
-            Alloc::Busy => (Outcome::Busy, self.from_jemalloc()),
+            Alloc::Miss => (Outcome::Miss, self.jemalloc_alloc()),
+            Alloc::Busy => (Outcome::Busy, self.jemalloc_alloc()),
         };
         self.held.push((block, class));
         outcome
