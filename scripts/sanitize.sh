@@ -47,8 +47,14 @@ valgrind_run() {
     for bin in $bins; do
         echo "-- $bin"
         # Fewer property-test cases: valgrind runs them ~20 times slower.
+        # Two tests are skipped: valgrind runs one thread at a time and
+        # delivers signals only when it switches, so they fail their own
+        # progress checks, with no valgrind error ("only 33 signals
+        # handled in 25s", "only 56 trims ran").
         GLIBC_TUNABLES=glibc.pthread.rseq=0 PERCPU_EXPECT_PATH=fallback PROPTEST_CASES=100 \
-            valgrind --quiet --error-exitcode=1 --trace-children=no "$bin" --test-threads=1
+            valgrind --quiet --error-exitcode=1 --trace-children=no "$bin" --test-threads=1 \
+            --skip signal_storm_frees_and_allocates_inside_the_allocator \
+            --skip trim_while_threads_churn_loses_nothing
     done
 }
 
