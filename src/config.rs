@@ -177,10 +177,13 @@ impl Config {
     }
 
     /// The cap of `class` on one CPU: the base cap, lowered so that the
-    /// class's share of the byte budget holds; 0 for classes not cached.
+    /// class's share of the byte budget holds; 0 for classes not cached (and
+    /// for the 8-byte class with the `hardened` feature).
     pub const fn class_cap(&self, class: Class) -> u32 {
         let classes = self.cached_classes();
-        if class >= classes {
+        // The `hardened` feature serves 8-byte requests from the 16-byte
+        // class (see `size_class`), so the 8-byte class caches nothing.
+        if class >= classes || (cfg!(feature = "hardened") && class == 0) {
             return 0;
         }
         let share = self.cpu_byte_budget / classes;
@@ -222,7 +225,7 @@ mod tests {
     fn default_bound_is_within_the_budget() {
         let config = Config::new();
         assert!(config.cpu_bound_bytes() <= Config::DEFAULT_CPU_BYTE_BUDGET);
-        assert_eq!(config.class_cap(0), 256);
+        assert_eq!(config.class_cap(1), 256);
         assert_eq!(config.class_cap(12), 256); // 256-byte blocks
         assert!(config.class_cap(20) < 256); // 1 KiB blocks are budgeted
         assert_eq!(config.class_cap(21), 0); // 1280 bytes: not cached
@@ -233,7 +236,7 @@ mod tests {
     fn a_small_budget_lowers_every_cap() {
         let config = Config::new().cpu_byte_budget(64 * 1024);
         assert!(config.cpu_bound_bytes() <= 64 * 1024);
-        assert!(config.class_cap(0) == 256 && config.class_cap(8) < 256);
+        assert!(config.class_cap(8) < 256 && config.class_cap(1) > config.class_cap(8));
     }
 
     #[test]

@@ -16,7 +16,15 @@
 //! a program asks `mmap` for more; a block above that is never cached
 //! ([`fits`]).
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
+
+// Under `--cfg loom` the lock-free lists run on loom's atomics, so that its
+// model checker explores every interleaving of their loads and CASes
+// (`loom_tests`). Nothing else changes: loom's `Ordering` is core's.
+#[cfg(not(loom))]
+use core::sync::atomic::AtomicU64;
+#[cfg(loom)]
+use loom::sync::atomic::AtomicU64;
 
 /// The length lives above this bit.
 pub(crate) const COUNT_SHIFT: u32 = 48;
@@ -156,8 +164,14 @@ pub(crate) struct AtomicList(AtomicU64);
 
 impl AtomicList {
     /// An empty list.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) const fn new() -> Self {
+        AtomicList(AtomicU64::new(0))
+    }
+
+    /// An empty list (loom's atomics have no `const fn new`).
+    #[cfg(all(test, loom))]
+    pub(crate) fn new() -> Self {
         AtomicList(AtomicU64::new(0))
     }
 
@@ -282,7 +296,11 @@ impl AtomicList {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, loom))]
+mod loom_tests;
+
+// Plain threads on loom's atomics panic outside `loom::model`.
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

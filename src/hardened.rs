@@ -16,11 +16,11 @@
 //! plausible link with the right count. A corrupted link aborts the
 //! process with a message instead of handing out a wild pointer.
 //!
-//! Blocks of 16 bytes and more also carry, while cached, a key in their
-//! second word (the secret, the address and a constant, XORed), which every
-//! allocation clears. A free that finds the key finds a block that is
-//! cached already: a double free, which aborts. (An 8-byte block has no
-//! second word; its double frees are not caught.)
+//! Cached blocks also carry a key in their second word (the secret, the
+//! address and a constant, XORed), which every allocation clears. A free
+//! that finds the key finds a block that is cached already: a double free,
+//! which aborts. So that every block has a second word, 8-byte requests are
+//! served from the 16-byte class with this feature.
 
 #[cfg(feature = "hardened")]
 mod imp {
@@ -151,8 +151,10 @@ pub(crate) fn corrupted(at: *mut u8) -> ! {
 /// Says what went wrong on stderr, without allocating, and aborts.
 #[cold]
 fn abort_with(what: &str, at: *mut u8, why: &str) -> ! {
-    use core::fmt::Write;
+    // Under `cfg(loom)` only the lists are built, without `stats`.
+    #[cfg(not(loom))]
     {
+        use core::fmt::Write;
         let mut err = crate::stats::Stderr::new();
         let _ = write!(err, "percpu-alloc: {what}");
         if !at.is_null() {

@@ -39,34 +39,56 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+// Under `--cfg loom` (see `free_list::loom_tests`) only the lock-free
+// lists are built, on loom's atomics. The rest of the crate keeps tables in
+// zeroed mmap'd memory and atomics in statics, which loom's atomics (no
+// `const fn new`, not valid when zeroed, larger) cannot be.
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
 
+#[cfg(not(loom))]
 mod allocator;
+#[cfg(not(loom))]
 mod backend;
+#[cfg(not(loom))]
 mod config;
+#[cfg(not(loom))]
 mod context;
+#[cfg(not(loom))]
 mod cpu_cache;
+#[cfg(not(loom))]
 mod drain;
+#[cfg(not(loom))]
 mod env;
+#[cfg(not(loom))]
 mod fallback;
 mod free_list;
 mod hardened;
+#[cfg(not(loom))]
 mod rseq;
+#[cfg(not(loom))]
 mod rules;
+#[cfg(not(loom))]
 mod size_class;
+#[cfg(not(loom))]
 mod stats;
 
+#[cfg(not(loom))]
 pub use allocator::PerCpuAlloc;
+#[cfg(not(loom))]
 pub use config::Config;
+#[cfg(not(loom))]
 pub use context::{
     current_context, enter_signal_context, install_signal_handler, Context, SignalGuard,
     SignalHandler,
 };
+#[cfg(not(loom))]
 pub use size_class::{CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_CLASSES};
+#[cfg(not(loom))]
 pub use stats::{ClassStats, Counters, CpuStats, ListCounts, Path, Snapshot, Stats, TrimReport};
 
 /// The global allocator installed by the `global` feature: a default
 /// [`PerCpuAlloc`]. Use it to read stats or trim:
 /// `percpu_alloc::GLOBAL.trim()`.
-#[cfg(feature = "global")]
+#[cfg(all(feature = "global", not(loom)))]
 #[global_allocator]
 pub static GLOBAL: PerCpuAlloc = PerCpuAlloc::new();

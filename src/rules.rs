@@ -229,6 +229,9 @@ pub(crate) fn take_deferred(table: &Table, cpu: usize) -> Option<Chain> {
 }
 
 #[cfg(test)]
+mod model_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;

@@ -87,6 +87,18 @@ pub fn class_of_size(size: usize) -> Option<Class> {
     }
 }
 
+/// The size a request is served with: the `hardened` feature keeps a key
+/// in every cached block's second word, so it serves 8-byte requests from
+/// the 16-byte class.
+#[inline(always)]
+const fn served_size(size: usize) -> usize {
+    if cfg!(feature = "hardened") && size < 16 {
+        16
+    } else {
+        size
+    }
+}
+
 /// The class for a layout, if one of at most `max_size` bytes guarantees
 /// its alignment; `None` sends the request to jemalloc unchanged.
 ///
@@ -98,7 +110,7 @@ pub fn class_of(size: usize, align: usize, max_size: usize) -> Option<Class> {
         // Every class is at least 8-aligned: the common case is one lookup.
         if size <= max_size {
             // `max_size` is a class size, at most MAX_CACHEABLE_SIZE.
-            return Some(lookup(size));
+            return Some(lookup(served_size(size)));
         }
         return None;
     }
