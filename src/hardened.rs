@@ -165,6 +165,8 @@ fn abort_with(what: &str, at: *mut u8, why: &str) -> ! {
         }
         let _ = writeln!(err, ": aborting");
     }
+    #[cfg(loom)]
+    let _ = (what, at, why);
     // SAFETY: ends the process; nothing after it runs.
     unsafe { libc::abort() }
 }
