@@ -50,6 +50,13 @@ impl PerCpuAlloc {
     /// An allocator with the default [`Config`]: splice threshold 16, cap
     /// 256, sizes up to 1 KiB cached within 1.5 MiB per CPU, rseq where
     /// available.
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, PerCpuAlloc};
+    ///
+    /// static ALLOC: PerCpuAlloc = PerCpuAlloc::new();
+    /// assert_eq!(*ALLOC.config(), Config::new());
+    /// ```
     pub const fn new() -> Self {
         Self::with_config(Config::new())
     }
@@ -71,6 +78,15 @@ impl PerCpuAlloc {
     }
 
     /// The configuration this allocator was made with.
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, PerCpuAlloc};
+    ///
+    /// let alloc = PerCpuAlloc::with_config(Config::new().cap(64));
+    /// assert_eq!(alloc.config().base_cap(), 64);
+    /// // The environment's overrides show in `active_config`, never here.
+    /// assert!(alloc.config().reads_env());
+    /// ```
     pub const fn config(&self) -> &Config {
         &self.config
     }
@@ -109,12 +125,38 @@ impl PerCpuAlloc {
 
     /// How many CPUs the caches cover (`nr_cpu_ids`), 0 if the table could
     /// not be made.
+    ///
+    /// ```
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// let cpus = alloc.cpus();
+    /// assert!(cpus >= 1);
+    /// // CPU numbers run from 0 to `cpus - 1`.
+    /// assert!(alloc.counts(cpus - 1, 0).is_some());
+    /// assert!(alloc.counts(cpus, 0).is_none());
+    /// ```
     pub fn cpus(&self) -> usize {
         self.table().map_or(0, |t| t.header().ncpu as usize)
     }
 
     /// The lengths of `cpu`'s lists for class index `class`, or `None` if
     /// either is out of range. Reads in place; allocates nothing.
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    /// use percpu_alloc::{PerCpuAlloc, CLASS_SIZES, NUM_CLASSES};
+    ///
+    /// let alloc = PerCpuAlloc::new();
+    /// let layout = Layout::from_size_align(64, 8).unwrap();
+    /// // SAFETY: a valid layout; the block is freed with the same one.
+    /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+    /// let class = CLASS_SIZES.iter().position(|&s| s == 64).unwrap();
+    /// let cached: u32 = (0..alloc.cpus())
+    ///     .map(|cpu| alloc.counts(cpu, class).unwrap())
+    ///     .map(|lists| lists.nr + lists.nr_sig)
+    ///     .sum();
+    /// assert!(cached <= 1); // on whichever CPU the free ran, if it was kept
+    /// assert!(alloc.counts(0, NUM_CLASSES).is_none());
+    /// ```
     pub fn counts(&self, cpu: usize, class: usize) -> Option<ListCounts> {
         let table = self.table()?;
         if cpu >= table.header().ncpu as usize || class >= crate::NUM_CLASSES {
@@ -142,6 +184,18 @@ impl PerCpuAlloc {
     }
 
     /// Bytes cached now over all CPUs (a moment's reading).
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    ///
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// assert_eq!(alloc.cached_bytes(), 0);
+    /// let layout = Layout::from_size_align(100, 8).unwrap();
+    /// // SAFETY: a valid layout; the block is freed with the same one.
+    /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+    /// // Kept as a block of the 112-byte class, or given back to jemalloc.
+    /// assert!(matches!(alloc.cached_bytes(), 0 | 112));
+    /// ```
     pub fn cached_bytes(&self) -> usize {
         self.snapshot().map(|c| c.bytes()).sum()
     }
@@ -161,6 +215,28 @@ impl PerCpuAlloc {
 
     /// The event counters of `cpu` for class index `class` (all zero
     /// without the `stats` feature), or `None` if either is out of range.
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    /// use percpu_alloc::{PerCpuAlloc, CLASS_SIZES};
+    ///
+    /// let alloc = PerCpuAlloc::new();
+    /// let layout = Layout::from_size_align(64, 8).unwrap();
+    /// // SAFETY: a valid layout; the block is freed with the same one.
+    /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+    /// let class = CLASS_SIZES.iter().position(|&s| s == 64).unwrap();
+    /// let ops: u64 = (0..alloc.cpus())
+    ///     .map(|cpu| alloc.counters(cpu, class).unwrap())
+    ///     .map(|c| c.allocs() + c.frees())
+    ///     .sum();
+    /// if cfg!(feature = "stats") {
+    ///     // One alloc and one free, each counted on a CPU or as "no CPU".
+    ///     assert_eq!(ops + alloc.stats().no_cpu, 2);
+    /// } else {
+    ///     assert_eq!(ops, 0);
+    /// }
+    /// assert!(alloc.counters(alloc.cpus(), class).is_none());
+    /// ```
     pub fn counters(&self, cpu: usize, class: usize) -> Option<Counters> {
         let table = self.table()?;
         if cpu >= table.header().ncpu as usize || class >= crate::NUM_CLASSES {
@@ -251,6 +327,26 @@ impl PerCpuAlloc {
     /// it returns null whenever the CPU's slot is busy.
     ///
     /// The block is freed as usual, with `dealloc` and the same layout.
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    ///
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// let layout = Layout::from_size_align(48, 16).unwrap();
+    /// // SAFETY: a valid layout. Nothing is cached yet, so nothing comes back.
+    /// assert!(unsafe { alloc.alloc_cached(layout) }.is_null());
+    /// // SAFETY: a valid layout; the block is freed with the same one.
+    /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+    /// // SAFETY: a valid layout.
+    /// let block = unsafe { alloc.alloc_cached(layout) };
+    /// // The freed block, if this thread is still on its CPU and the cache
+    /// // kept it; null otherwise.
+    /// if !block.is_null() {
+    ///     assert_eq!(block as usize % 16, 0);
+    ///     // SAFETY: allocated by `alloc` with `layout`, not used after.
+    ///     unsafe { alloc.dealloc(block, layout) };
+    /// }
+    /// ```
     ///
     /// # Safety
     /// As [`GlobalAlloc::alloc`].

@@ -32,20 +32,66 @@ pub struct Config {
 
 impl Config {
     /// The kernel's `PCPU_CACHE_IRQ_THRESHOLD`.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert_eq!(Config::new().threshold(), Config::DEFAULT_THRESHOLD);
+    /// ```
     pub const DEFAULT_THRESHOLD: u32 = 16;
     /// The kernel's `max_nr`: blocks per class per CPU.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert_eq!(Config::new().base_cap(), Config::DEFAULT_CAP);
+    /// // Small classes get the whole cap: 16-byte blocks (class 1).
+    /// assert_eq!(Config::new().class_cap(1), Config::DEFAULT_CAP);
+    /// ```
     pub const DEFAULT_CAP: u32 = 256;
     /// Requests up to this many bytes are cached by default.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// // 1024 is a class size, so nothing is rounded off.
+    /// assert_eq!(Config::new().cached_size_limit(), Config::DEFAULT_MAX_CACHED_SIZE);
+    /// ```
     pub const DEFAULT_MAX_CACHED_SIZE: usize = 1024;
     /// What one CPU may cache at worst, over all classes (tcmalloc's
     /// per-CPU default).
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// let config = Config::new();
+    /// assert_eq!(config.byte_budget(), Config::DEFAULT_CPU_BYTE_BUDGET);
+    /// assert!(config.cpu_bound_bytes() <= Config::DEFAULT_CPU_BYTE_BUDGET);
+    /// ```
     pub const DEFAULT_CPU_BYTE_BUDGET: usize = 1536 * 1024;
     /// The largest cap a class can have: task list lengths live in 10 bits
     /// and must hold a spliced signal list, which can pass the cap by one.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert_eq!(Config::new().cap(Config::MAX_CAP).base_cap(), Config::MAX_CAP);
+    /// assert!(std::panic::catch_unwind(|| Config::new().cap(Config::MAX_CAP + 1)).is_err());
+    /// ```
     pub const MAX_CAP: u32 = 1000;
 
     /// The defaults: threshold 16, cap 256, sizes up to 1 KiB cached,
     /// 1.5 MiB per CPU at most, rseq where available.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// const DEFAULTS: Config = Config::new();
+    /// assert_eq!(DEFAULTS, Config::default());
+    /// assert_eq!(DEFAULTS.threshold(), 16);
+    /// assert_eq!(DEFAULTS.base_cap(), 256);
+    /// assert!(!DEFAULTS.fallback_forced());
+    /// ```
     pub const fn new() -> Self {
         Config {
             threshold: Self::DEFAULT_THRESHOLD,
@@ -59,6 +105,13 @@ impl Config {
 
     /// Splice the signal list onto an empty task list once it holds at least
     /// `n` blocks.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// const EAGER: Config = Config::new().splice_threshold(4);
+    /// assert_eq!(EAGER.threshold(), 4);
+    /// ```
     ///
     /// # Panics
     /// If `n` is 0 or above [`Config::MAX_CAP`].
@@ -74,6 +127,14 @@ impl Config {
     /// Cache at most `n` blocks of a class on one CPU, task and signal list
     /// together. Large classes may get less, from the byte budget.
     ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert_eq!(Config::new().cap(64).class_cap(1), 64);
+    /// // A cap of 0 caches nothing: every request goes to jemalloc.
+    /// assert_eq!(Config::new().cap(0).cpu_bound_bytes(), 0);
+    /// ```
+    ///
     /// # Panics
     /// If `n` is above [`Config::MAX_CAP`].
     pub const fn cap(mut self, n: u32) -> Self {
@@ -84,6 +145,14 @@ impl Config {
 
     /// Cache requests of up to `bytes` (rounded down to a class size, at most
     /// 14336, jemalloc's largest small class); larger ones go to jemalloc.
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, MAX_CACHEABLE_SIZE};
+    ///
+    /// assert_eq!(Config::new().max_cached_size(1000).cached_size_limit(), 896);
+    /// let all = Config::new().max_cached_size(1 << 20);
+    /// assert_eq!(all.cached_size_limit(), MAX_CACHEABLE_SIZE);
+    /// ```
     pub const fn max_cached_size(mut self, bytes: usize) -> Self {
         self.max_cached_size = if bytes > MAX_CACHEABLE_SIZE {
             MAX_CACHEABLE_SIZE
@@ -95,12 +164,27 @@ impl Config {
 
     /// Bound what one CPU caches at worst to `bytes`, by lowering the caps of
     /// large classes. The budget is shared evenly among the cached classes.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// let small = Config::new().cpu_byte_budget(64 * 1024);
+    /// assert!(small.cpu_bound_bytes() <= 64 * 1024);
+    /// assert!(small.cpu_bound_bytes() < Config::new().cpu_bound_bytes());
+    /// ```
     pub const fn cpu_byte_budget(mut self, bytes: usize) -> Self {
         self.cpu_byte_budget = bytes;
         self
     }
 
     /// Use the try-lock fallback even where rseq is available.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert!(Config::new().force_fallback(true).fallback_forced());
+    /// assert!(!Config::new().fallback_forced());
+    /// ```
     pub const fn force_fallback(mut self, yes: bool) -> Self {
         self.force_fallback = yes;
         self
@@ -136,21 +220,50 @@ impl Config {
     }
 
     /// Whether the environment may override this configuration.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert!(Config::new().reads_env());
+    /// assert!(!Config::new().read_env(false).reads_env());
+    /// ```
     pub const fn reads_env(&self) -> bool {
         self.read_env
     }
 
     /// The splice threshold.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert_eq!(Config::new().splice_threshold(32).threshold(), 32);
+    /// ```
     pub const fn threshold(&self) -> u32 {
         self.threshold
     }
 
     /// The cap before the byte budget lowers it for large classes.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// let config = Config::new().cap(512);
+    /// assert_eq!(config.base_cap(), 512);
+    /// // 1 KiB blocks (class 20) get less, from the byte budget.
+    /// assert!(config.class_cap(20) < config.base_cap());
+    /// ```
     pub const fn base_cap(&self) -> u32 {
         self.cap
     }
 
     /// The largest cached size, rounded down to a class size (0: none).
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert_eq!(Config::new().max_cached_size(300).cached_size_limit(), 256);
+    /// assert_eq!(Config::new().max_cached_size(0).cached_size_limit(), 0);
+    /// ```
     pub const fn cached_size_limit(&self) -> usize {
         match last_class_within(self.max_cached_size) {
             Some(class) => class_size(class),
@@ -159,16 +272,40 @@ impl Config {
     }
 
     /// The per-CPU byte budget.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// assert_eq!(Config::new().cpu_byte_budget(1 << 20).byte_budget(), 1 << 20);
+    /// ```
     pub const fn byte_budget(&self) -> usize {
         self.cpu_byte_budget
     }
 
     /// Whether the fallback is forced.
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// let config = Config::new().force_fallback(true);
+    /// assert!(config.fallback_forced());
+    /// assert!(!config.force_fallback(false).fallback_forced());
+    /// ```
     pub const fn fallback_forced(&self) -> bool {
         self.force_fallback
     }
 
     /// How many classes are cached.
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, CLASS_SIZES};
+    ///
+    /// // Sizes 8 to 1024: the first 21 classes.
+    /// let config = Config::new();
+    /// assert_eq!(config.cached_classes(), 21);
+    /// assert_eq!(CLASS_SIZES[config.cached_classes() - 1], config.cached_size_limit());
+    /// assert_eq!(Config::new().max_cached_size(4).cached_classes(), 0);
+    /// ```
     pub const fn cached_classes(&self) -> usize {
         match last_class_within(self.max_cached_size) {
             Some(class) => class + 1,
@@ -179,6 +316,15 @@ impl Config {
     /// The cap of `class` on one CPU: the base cap, lowered so that the
     /// class's share of the byte budget holds; 0 for classes not cached (and
     /// for the 8-byte class with the `hardened` feature).
+    ///
+    /// ```
+    /// use percpu_alloc::Config;
+    ///
+    /// let config = Config::new();
+    /// assert_eq!(config.class_cap(1), 256); // 16-byte blocks
+    /// assert!(config.class_cap(20) < 256); // 1 KiB blocks: budgeted
+    /// assert_eq!(config.class_cap(21), 0); // 1280 bytes: not cached
+    /// ```
     pub const fn class_cap(&self, class: Class) -> u32 {
         let classes = self.cached_classes();
         // The `hardened` feature serves 8-byte requests from the 16-byte
@@ -197,6 +343,19 @@ impl Config {
 
     /// The most bytes one CPU can hold in its cache: the sum over classes of
     /// cap x class size. At most the byte budget.
+    ///
+    /// ```
+    /// use percpu_alloc::{Config, CLASS_SIZES};
+    ///
+    /// let config = Config::new().cap(100);
+    /// let sum: usize = CLASS_SIZES
+    ///     .iter()
+    ///     .enumerate()
+    ///     .map(|(class, size)| config.class_cap(class) as usize * size)
+    ///     .sum();
+    /// assert_eq!(config.cpu_bound_bytes(), sum);
+    /// assert!(sum <= config.byte_budget());
+    /// ```
     pub const fn cpu_bound_bytes(&self) -> usize {
         let mut total = 0;
         let mut class = 0;

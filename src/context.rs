@@ -16,6 +16,18 @@ use core::cell::Cell;
 use core::marker::PhantomData;
 
 /// The context of an allocator call, as the rules see it.
+///
+/// ```
+/// use percpu_alloc::{current_context, Context};
+///
+/// // Where a free goes depends on the context it runs in.
+/// let list = match current_context() {
+///     Context::Task => "task list",
+///     Context::Signal => "signal list",
+///     Context::Other => "jemalloc",
+/// };
+/// assert_eq!(list, "task list");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Context {
     /// Ordinary thread code: frees go to the task list.
@@ -60,6 +72,18 @@ pub fn current_context() -> Context {
 /// Hold one for the body of any signal handler that may free memory, so
 /// that its frees follow the signal-list rule and never call into jemalloc
 /// (which is not async-signal-safe). Not `Send`: the mark is per thread.
+///
+/// ```
+/// use percpu_alloc::{current_context, enter_signal_context, Context};
+///
+/// let outer = enter_signal_context();
+/// let inner = enter_signal_context();
+/// drop(inner);
+/// // Still inside the outer mark.
+/// assert_eq!(current_context(), Context::Signal);
+/// drop(outer);
+/// assert_eq!(current_context(), Context::Task);
+/// ```
 #[must_use = "the signal context ends when the guard is dropped"]
 pub struct SignalGuard {
     _not_send: PhantomData<*mut ()>,
@@ -91,6 +115,24 @@ impl Drop for SignalGuard {
 
 /// A signal handler run by [`install_signal_handler`], with the signal
 /// number.
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use percpu_alloc::{install_signal_handler, SignalHandler};
+///
+/// static RAN: AtomicBool = AtomicBool::new(false);
+///
+/// fn on_usr2(_sig: libc::c_int) {
+///     RAN.store(true, Ordering::Relaxed);
+/// }
+///
+/// let handler: SignalHandler = on_usr2;
+/// // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+/// unsafe { install_signal_handler(libc::SIGUSR2, handler) }.unwrap();
+/// // SAFETY: raising a signal we handle; it runs before `raise` returns.
+/// unsafe { libc::raise(libc::SIGUSR2) };
+/// assert!(RAN.load(Ordering::Relaxed));
+/// ```
 pub type SignalHandler = fn(libc::c_int);
 
 const NSIG: usize = 65;

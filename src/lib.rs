@@ -89,6 +89,16 @@ pub use stats::{ClassStats, Counters, CpuStats, ListCounts, Path, Snapshot, Stat
 /// The global allocator installed by the `global` feature: a default
 /// [`PerCpuAlloc`]. Use it to read stats or trim:
 /// `percpu_alloc::GLOBAL.trim()`.
+///
+/// ```
+/// // Every allocation of this program goes through `GLOBAL`.
+/// let words: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+/// assert_eq!(words.len(), 100);
+/// let global = &percpu_alloc::GLOBAL;
+/// assert!(global.cpus() >= 1);
+/// assert!(global.cached_bytes() <= global.cpu_bound_bytes() * global.cpus());
+/// global.trim_current_cpu();
+/// ```
 #[cfg(all(feature = "global", not(loom)))]
 #[global_allocator]
 pub static GLOBAL: PerCpuAlloc = PerCpuAlloc::new();

@@ -8,6 +8,15 @@
 /// The small size classes of jemalloc 5 on x86_64 and aarch64 with 4 KiB
 /// pages (`LG_QUANTUM = 4`, `LG_PAGE = 12`): one tiny class, then four
 /// classes per doubling. A test checks each against jemalloc's `nallocx`.
+///
+/// ```
+/// use percpu_alloc::{CLASS_SIZES, NUM_CLASSES};
+///
+/// assert_eq!(CLASS_SIZES.len(), NUM_CLASSES);
+/// assert!(CLASS_SIZES.windows(2).all(|w| w[0] < w[1]));
+/// // A 100-byte request is served by a 112-byte block.
+/// assert_eq!(CLASS_SIZES.iter().find(|&&size| size >= 100), Some(&112));
+/// ```
 pub const CLASS_SIZES: [usize; NUM_CLASSES] = [
     8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
     1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10240, 12288,
@@ -15,10 +24,26 @@ pub const CLASS_SIZES: [usize; NUM_CLASSES] = [
 ];
 
 /// How many small classes there are; the largest cacheable size is the last.
+///
+/// ```
+/// use percpu_alloc::{PerCpuAlloc, NUM_CLASSES};
+///
+/// let alloc = PerCpuAlloc::new();
+/// assert!(alloc.counts(0, NUM_CLASSES - 1).is_some());
+/// assert!(alloc.counts(0, NUM_CLASSES).is_none());
+/// ```
 pub const NUM_CLASSES: usize = 36;
 
 /// The largest size the cache can be configured to hold (jemalloc's largest
 /// small class). Everything above it is a large allocation in jemalloc.
+///
+/// ```
+/// use percpu_alloc::{Config, CLASS_SIZES, MAX_CACHEABLE_SIZE};
+///
+/// assert_eq!(MAX_CACHEABLE_SIZE, *CLASS_SIZES.last().unwrap());
+/// let all = Config::new().max_cached_size(usize::MAX);
+/// assert_eq!(all.cached_size_limit(), MAX_CACHEABLE_SIZE);
+/// ```
 pub const MAX_CACHEABLE_SIZE: usize = CLASS_SIZES[NUM_CLASSES - 1];
 
 /// Small regions sit at multiples of their size from a page-aligned slab,

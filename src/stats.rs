@@ -71,6 +71,13 @@ pub struct ListCounts {
 
 impl ListCounts {
     /// Bytes held by both lists.
+    ///
+    /// ```
+    /// use percpu_alloc::ListCounts;
+    ///
+    /// let lists = ListCounts { cpu: 0, class: 3, class_size: 48, nr: 2, nr_sig: 1, cap: 256 };
+    /// assert_eq!(lists.bytes(), 3 * 48);
+    /// ```
     pub fn bytes(&self) -> usize {
         (self.nr as usize + self.nr_sig as usize) * self.class_size
     }
@@ -91,6 +98,22 @@ pub(crate) fn counts(table: &Table, cpu: usize, class: Class) -> ListCounts {
 /// The non-empty lists of every CPU, one [`ListCounts`] per CPU and class,
 /// read as the iterator goes (each entry is a moment's reading, not a
 /// consistent cut). From [`PerCpuAlloc::snapshot`](crate::PerCpuAlloc::snapshot).
+///
+/// ```
+/// use std::alloc::{GlobalAlloc, Layout};
+/// use percpu_alloc::PerCpuAlloc;
+///
+/// let alloc = PerCpuAlloc::new();
+/// assert_eq!(alloc.snapshot().count(), 0); // no caches made yet
+/// let layout = Layout::from_size_align(40, 8).unwrap();
+/// // SAFETY: a valid layout; the block is freed with the same one.
+/// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+/// // At most the one 48-byte block, and only non-empty lists.
+/// for lists in alloc.snapshot() {
+///     assert_eq!((lists.class_size, lists.nr + lists.nr_sig), (48, 1));
+/// }
+/// assert!(alloc.snapshot().count() <= 1);
+/// ```
 pub struct Snapshot<'a> {
     table: Option<&'a Table>,
     cpu: usize,
@@ -257,16 +280,39 @@ impl Counters {
     }
 
     /// Every alloc counted: hits, splices and misses.
+    ///
+    /// ```
+    /// use percpu_alloc::Counters;
+    ///
+    /// let c = Counters { hits: 5, splices: 1, misses: 2, ..Counters::default() };
+    /// assert_eq!(c.allocs(), 8);
+    /// ```
     pub fn allocs(&self) -> u64 {
         self.hits + self.splices + self.misses
     }
 
     /// Every free counted, in any context.
+    ///
+    /// ```
+    /// use percpu_alloc::Counters;
+    ///
+    /// // An overflow is also a task free: it is not counted twice.
+    /// let c = Counters { frees_task: 3, frees_signal: 1, overflows: 2, ..Counters::default() };
+    /// assert_eq!(c.frees(), 4);
+    /// ```
     pub fn frees(&self) -> u64 {
         self.frees_task + self.frees_signal + self.frees_other
     }
 
     /// The share of allocs the cache served (hits and splices), 0 to 1.
+    ///
+    /// ```
+    /// use percpu_alloc::Counters;
+    ///
+    /// let c = Counters { hits: 2, splices: 1, misses: 1, ..Counters::default() };
+    /// assert_eq!(c.hit_rate(), 0.75);
+    /// assert_eq!(Counters::default().hit_rate(), 0.0);
+    /// ```
     pub fn hit_rate(&self) -> f64 {
         match self.allocs() {
             0 => 0.0,
@@ -297,6 +343,23 @@ pub(crate) fn counters(table: &Table, cpu: usize, class: Class) -> Counters {
 }
 
 /// One class over every CPU, in [`Stats`].
+///
+/// ```
+/// use std::alloc::{GlobalAlloc, Layout};
+/// use percpu_alloc::{Config, PerCpuAlloc, CLASS_SIZES};
+///
+/// let alloc = PerCpuAlloc::with_config(Config::new().cap(100).read_env(false));
+/// let layout = Layout::from_size_align(64, 8).unwrap();
+/// // SAFETY: a valid layout; the block is freed with the same one.
+/// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+/// let class = CLASS_SIZES.iter().position(|&s| s == 64).unwrap();
+/// let c = alloc.stats().classes[class];
+/// assert_eq!((c.class_size, c.cap), (64, 100));
+/// assert!(c.cached_blocks <= 1);
+/// if cfg!(feature = "stats") {
+///     assert!(c.counters.allocs() <= 1 && c.counters.frees() <= 1);
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClassStats {
     /// The class's block size in bytes (0 for a class not cached).
@@ -310,6 +373,23 @@ pub struct ClassStats {
 }
 
 /// One CPU over every class, in [`Stats`].
+///
+/// ```
+/// use std::alloc::{GlobalAlloc, Layout};
+///
+/// let alloc = percpu_alloc::PerCpuAlloc::new();
+/// let layout = Layout::from_size_align(200, 8).unwrap();
+/// // SAFETY: a valid layout; the block is freed with the same one.
+/// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
+/// let stats = alloc.stats();
+/// for cpu in stats.busiest_cpus() {
+///     assert!(cpu.cpu < stats.cpus);
+///     assert!(cpu.cached_bytes <= 224); // the one block, of the 224-byte class
+/// }
+/// // At most two CPUs did anything, so none was left out.
+/// let bytes: u64 = stats.busiest_cpus().iter().map(|c| c.cached_bytes).sum();
+/// assert_eq!(bytes, stats.cached_bytes);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuStats {
     /// The CPU.
@@ -534,6 +614,27 @@ impl Stats {
 
     /// The busiest CPUs (most allocs and frees, or most bytes cached without
     /// counters), at most eight, busiest first.
+    ///
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    ///
+    /// let alloc = percpu_alloc::PerCpuAlloc::new();
+    /// assert!(alloc.stats().busiest_cpus().is_empty()); // nothing happened yet
+    /// let layout = Layout::from_size_align(32, 8).unwrap();
+    /// // SAFETY: a valid layout; each block is freed with the same one.
+    /// unsafe {
+    ///     for _ in 0..100 {
+    ///         alloc.dealloc(alloc.alloc(layout), layout);
+    ///     }
+    /// }
+    /// let stats = alloc.stats();
+    /// let busiest = stats.busiest_cpus();
+    /// assert!(busiest.len() <= 8);
+    /// let weight = |c: &percpu_alloc::CpuStats| {
+    ///     (c.counters.allocs() + c.counters.frees(), c.cached_bytes)
+    /// };
+    /// assert!(busiest.windows(2).all(|w| weight(&w[0]) >= weight(&w[1])));
+    /// ```
     pub fn busiest_cpus(&self) -> &[CpuStats] {
         &self.busiest[..self.busiest_len]
     }
