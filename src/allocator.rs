@@ -25,6 +25,7 @@ use crate::stats::{self, Counters, Event, ListCounts, Path, Snapshot, Stats, Tri
 /// ```
 /// use percpu_alloc::PerCpuAlloc;
 ///
+/// # #[cfg(not(feature = "global"))] // the feature installs one already
 /// #[global_allocator]
 /// static ALLOC: PerCpuAlloc = PerCpuAlloc::new();
 ///

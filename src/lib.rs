@@ -15,6 +15,7 @@
 //! ```
 //! use percpu_alloc::PerCpuAlloc;
 //!
+//! # #[cfg(not(feature = "global"))] // the feature installs one already
 //! #[global_allocator]
 //! static ALLOC: PerCpuAlloc = PerCpuAlloc::new();
 //!
