@@ -242,6 +242,15 @@ fn short_lived_threads_free_what_others_allocated() {
     assert_eq!(first_cached(&ALLOC), None, "cached after trim");
 }
 
+/// Sets its flag when dropped, however the scope it lives in ends.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn trim_while_threads_churn_loses_nothing() {
     // A trim reaches every CPU's task lists while their owners keep
@@ -250,12 +259,20 @@ fn trim_while_threads_churn_loses_nothing() {
     // CPUs now and then. A block taken by both a trim and an allocation
     // would be freed to jemalloc while in use and handed out again: two
     // owners, two patterns, one check fails.
+    //
+    // On the fallback path a trim waits a bounded time for a CPU's slot; a
+    // holder preempted for longer (on a loaded host) makes it skip that
+    // CPU, and say so. That is allowed while the threads churn; the quiet
+    // trim at the end must reach every CPU. On the rseq path nothing makes
+    // a trim skip a CPU here.
     let _serial = serial(&SERIAL);
     let _watchdog = Watchdog::new("trim under churn", Duration::from_secs(60));
+    let strict = ALLOC.path() == percpu_alloc::Path::Rseq;
+    let skipped = std::sync::atomic::AtomicUsize::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (trims, released) = std::thread::scope(|s| {
         for t in 0..4usize {
-            let stop = &stop;
+            let (stop, skipped) = (&stop, &skipped);
             s.spawn(move || {
                 let mut rng = XorShift::new(0x7121 ^ t as u64);
                 let mut live: Vec<Block> = Vec::new();
@@ -293,7 +310,12 @@ fn trim_while_threads_churn_loses_nothing() {
                         // The cheap trim, of this thread's CPU, while other
                         // threads on the same CPU keep using its lists.
                         let report = ALLOC.trim_current_cpu();
-                        assert_eq!(report.cpus_skipped, 0, "trim_current_cpu skipped");
+                        assert!(
+                            !strict || report.cpus_skipped == 0,
+                            "trim_current_cpu skipped"
+                        );
+                        skipped
+                            .fetch_add(report.cpus_skipped, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 for b in live {
@@ -301,19 +323,27 @@ fn trim_while_threads_churn_loses_nothing() {
                 }
             });
         }
+        // A failed assertion below must still stop the churning threads,
+        // or the scope would wait for them forever and the watchdog would
+        // report a hang instead of the failure.
+        let _stop = StopOnDrop(&stop);
         let mut trims = 0usize;
         let mut released = 0usize;
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(2) {
             let report = ALLOC.trim();
-            assert_eq!(report.cpus_skipped, 0, "a trim skipped a CPU");
+            assert!(!strict || report.cpus_skipped == 0, "a trim skipped a CPU");
+            skipped.fetch_add(report.cpus_skipped, std::sync::atomic::Ordering::Relaxed);
             trims += 1;
             released += report.blocks;
             std::thread::sleep(Duration::from_millis(1));
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         (trims, released)
     });
+    let skipped = skipped.into_inner();
+    if skipped > 0 {
+        eprintln!("{skipped} CPUs skipped by trims under churn (fallback path, slot held)");
+    }
     assert!(trims > 100, "only {trims} trims ran");
     assert!(released > 0, "no trim found anything to release");
     assert_within_caps(&ALLOC);
