@@ -38,25 +38,36 @@ mod imp {
 
     static SECRET: AtomicU64 = AtomicU64::new(0);
 
-    /// Picks the secret, once, before the first table is used: from the
-    /// kernel's 16 random bytes for this process (`AT_RANDOM`), read
-    /// without a system call.
+    /// Picks the secret, once, before the first table is used: eight
+    /// bytes from `getrandom` (one system call, when the first table is
+    /// made, never on an allocation's fast path). Where that fails, the
+    /// kernel's per-process `AT_RANDOM` bytes stand in, mixed with a stack
+    /// address: glibc derives its stack and pointer guards from those, so
+    /// they are only the fallback.
     pub(crate) fn init() {
         if SECRET.load(Ordering::Acquire) != 0 {
             return;
         }
-        // SAFETY: `getauxval` has no preconditions; `AT_RANDOM`, where
-        // present, points at 16 bytes that live as long as the process.
-        let random = unsafe {
-            let at = libc::getauxval(libc::AT_RANDOM) as *const u64;
-            if at.is_null() {
-                0
-            } else {
-                at.add(1).read_unaligned()
-            }
-        };
-        let stack = &random as *const u64 as u64;
-        let secret = (random ^ stack.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15) | FIXED;
+        let mut random = 0u64;
+        // SAFETY: writes at most 8 bytes into `random`; GRND_NONBLOCK never
+        // waits for the entropy pool.
+        let got =
+            unsafe { libc::getrandom((&mut random as *mut u64).cast(), 8, libc::GRND_NONBLOCK) };
+        if got != 8 {
+            // SAFETY: `getauxval` has no preconditions; `AT_RANDOM`, where
+            // present, points at 16 bytes that live as long as the process.
+            let aux = unsafe {
+                let at = libc::getauxval(libc::AT_RANDOM) as *const u64;
+                if at.is_null() {
+                    0
+                } else {
+                    at.add(1).read_unaligned()
+                }
+            };
+            let stack = &aux as *const u64 as u64;
+            random = aux ^ stack.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+        }
+        let secret = random | FIXED;
         let _ = SECRET.compare_exchange(0, secret, Ordering::AcqRel, Ordering::Acquire);
     }
 
