@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::Layout;
 use std::collections::HashSet;
 use std::sync::{mpsc, Mutex};
 
 use common::{
-    assert_within_caps, cached, cores, expect_pattern, fill, first_cached, pin, serial, unpin,
-    XorShift,
+    assert_within_caps, cached, cores, expect_pattern, fill, first_cached, give, pin, serial, take,
+    unpin, XorShift,
 };
-use percpu_alloc::{
-    enter_signal_context, Config, Path, PerCpuAlloc, CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_CLASSES,
-};
+use percpu_alloc::{Config, Path, PerCpuAlloc, CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_CLASSES};
 
 #[global_allocator]
 static ALLOC: PerCpuAlloc = PerCpuAlloc::new();
@@ -25,28 +23,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn class_of(size: usize) -> usize {
     CLASS_SIZES.iter().position(|&s| s == size).unwrap()
-}
-
-/// `n` blocks of `layout` from `a`.
-fn take(a: &PerCpuAlloc, layout: Layout, n: usize) -> Vec<*mut u8> {
-    (0..n)
-        .map(|_| {
-            // SAFETY: layouts here are non-zero; every block is freed with
-            // the same layout.
-            let p = unsafe { a.alloc(layout) };
-            assert!(!p.is_null());
-            p
-        })
-        .collect()
-}
-
-/// Frees `blocks` to `a`, in signal context if `signal`.
-fn give(a: &PerCpuAlloc, layout: Layout, blocks: &[*mut u8], signal: bool) {
-    let _guard = signal.then(enter_signal_context);
-    for &p in blocks {
-        // SAFETY: each block came from `a` with `layout` and is live.
-        unsafe { a.dealloc(p, layout) };
-    }
 }
 
 #[test]

@@ -13,8 +13,8 @@ use std::cell::Cell;
 use std::fmt::Write;
 use std::sync::Mutex;
 
-use common::{cores, pin, serial, unpin};
-use percpu_alloc::{enter_signal_context, Config, Counters, Path, PerCpuAlloc, CLASS_SIZES};
+use common::{cores, give, pin, serial, take, unpin};
+use percpu_alloc::{Config, Counters, Path, PerCpuAlloc, CLASS_SIZES};
 
 /// The global allocator, wrapped to count this thread's allocations.
 struct Counting;
@@ -66,25 +66,6 @@ fn instance(fallback: bool) -> PerCpuAlloc {
     )
 }
 
-fn take(a: &PerCpuAlloc, layout: Layout, n: usize) -> Vec<*mut u8> {
-    (0..n)
-        .map(|_| {
-            // SAFETY: a non-zero layout; freed with it below.
-            let p = unsafe { a.alloc(layout) };
-            assert!(!p.is_null());
-            p
-        })
-        .collect()
-}
-
-fn give(a: &PerCpuAlloc, layout: Layout, blocks: Vec<*mut u8>, signal: bool) {
-    let _guard = signal.then(enter_signal_context);
-    for p in blocks {
-        // SAFETY: each block came from `a` with `layout`.
-        unsafe { a.dealloc(p, layout) };
-    }
-}
-
 /// Drives one pinned CPU through every rule and checks each counter.
 fn counters_follow_the_rules(fallback: bool) {
     let _serial = serial(&SERIAL);
@@ -99,8 +80,8 @@ fn counters_follow_the_rules(fallback: bool) {
     let read = || a.counters(cpu, class).unwrap();
 
     // A fresh cache misses, then a free stays and the next alloc hits.
-    give(&a, layout, take(&a, layout, 1), false);
-    give(&a, layout, take(&a, layout, 1), false);
+    give(&a, layout, &take(&a, layout, 1), false);
+    give(&a, layout, &take(&a, layout, 1), false);
     let mut want = Counters {
         misses: 1,
         hits: 1,
@@ -110,7 +91,7 @@ fn counters_follow_the_rules(fallback: bool) {
     // 40 blocks (1 hit, 39 misses) back in task context: 32 stay (the
     // cap), 8 overflow to jemalloc.
     let blocks = take(&a, layout, 40);
-    give(&a, layout, blocks, false);
+    give(&a, layout, &blocks, false);
     want.hits += 1;
     want.misses += 39;
     want.frees_task += 40;
@@ -122,13 +103,13 @@ fn counters_follow_the_rules(fallback: bool) {
     want.hits += 32;
     want.misses += 9;
     let aside = blocks.pop().unwrap();
-    give(&a, layout, blocks.split_off(35), true);
-    give(&a, layout, blocks, false);
+    give(&a, layout, &blocks.split_off(35), true);
+    give(&a, layout, &blocks, false);
     want.frees_signal += 5;
     want.frees_task += 35;
     want.overflows += 8;
     // Past the cap in signal context: deferred.
-    give(&a, layout, vec![aside], true);
+    give(&a, layout, &[aside], true);
     want.frees_signal += 1;
     want.deferred += 1;
     // Empty the task list (27 hits); the next alloc splices the 5
@@ -136,7 +117,7 @@ fn counters_follow_the_rules(fallback: bool) {
     let blocks = take(&a, layout, 27 + 1 + 4);
     want.hits += 27 + 4;
     want.splices += 1;
-    give(&a, layout, blocks, false);
+    give(&a, layout, &blocks, false);
     want.frees_task += 32;
 
     let got = read();
@@ -208,7 +189,7 @@ fn the_table_shows_totals_classes_and_cpus() {
     let _serial = serial(&SERIAL);
     let a = instance(false);
     let layout = Layout::from_size_align(200, 8).unwrap();
-    give(&a, layout, take(&a, layout, 10), false);
+    give(&a, layout, &take(&a, layout, 10), false);
     let text = a.stats().to_string();
     assert!(text.starts_with("percpu-alloc: "), "{text}");
     assert!(text.contains("cached now: 10 blocks, 2.2 KiB"), "{text}");
@@ -239,7 +220,7 @@ fn trim_current_cpu_takes_this_cpu_only_and_trim_takes_the_rest() {
         let fill = |core| {
             let cpu = pin(core);
             for layout in layouts {
-                give(&a, layout, take(&a, layout, 20), false);
+                give(&a, layout, &take(&a, layout, 20), false);
             }
             cpu
         };

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use percpu_alloc::{ListCounts, PerCpuAlloc};
+use std::alloc::{GlobalAlloc, Layout};
+
+use percpu_alloc::{enter_signal_context, ListCounts, PerCpuAlloc};
 
 /// xorshift64*: small, fast and good enough to pick sizes and victims.
 pub struct XorShift(u64);
@@ -236,5 +238,27 @@ impl Drop for Watchdog {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// `n` blocks of `layout` from `a` (an instance, not the global allocator).
+pub fn take(a: &PerCpuAlloc, layout: Layout, n: usize) -> Vec<*mut u8> {
+    (0..n)
+        .map(|_| {
+            // SAFETY: layouts here are non-zero; the caller frees every
+            // block with the same layout.
+            let p = unsafe { a.alloc(layout) };
+            assert!(!p.is_null());
+            p
+        })
+        .collect()
+}
+
+/// Frees `blocks` to `a`, in signal context if `signal`.
+pub fn give(a: &PerCpuAlloc, layout: Layout, blocks: &[*mut u8], signal: bool) {
+    let _guard = signal.then(enter_signal_context);
+    for &p in blocks {
+        // SAFETY: each block came from `a` with `layout` and is live.
+        unsafe { a.dealloc(p, layout) };
     }
 }
