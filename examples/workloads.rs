@@ -243,6 +243,20 @@ fn prodcons(pairs: usize, blocks: usize) -> Result<Done, String> {
     })
 }
 
+/// Joins workers that return (checksum, overwritten blocks): the summed
+/// checksum, or what went wrong.
+fn join_checked(workers: Vec<thread::JoinHandle<(u64, u64)>>) -> Result<u64, String> {
+    let mut check = 0;
+    for w in workers {
+        let (sum, bad) = w.join().map_err(|_| "a worker panicked")?;
+        if bad != 0 {
+            return Err(format!("{bad} blocks were overwritten"));
+        }
+        check += sum;
+    }
+    Ok(check)
+}
+
 /// `threads` threads each replace a random one of 64 live blocks
 /// (8..=512 bytes) `ops` times, checking the block it drops.
 fn scaling(threads: usize, ops: usize) -> Result<Done, String> {
@@ -265,14 +279,7 @@ fn scaling(threads: usize, ops: usize) -> Result<Done, String> {
             })
         })
         .collect();
-    let mut check = 0;
-    for w in workers {
-        let (sum, bad) = w.join().map_err(|_| "a worker panicked")?;
-        if bad != 0 {
-            return Err(format!("{bad} blocks were overwritten"));
-        }
-        check += sum;
-    }
+    let check = join_checked(workers)?;
     Ok(Done {
         ops: (threads * ops) as u64,
         check,
@@ -311,14 +318,7 @@ fn many_threads(threads: usize, hold: usize, steps: usize) -> Result<Done, Strin
             .map_err(|e| format!("cannot start thread {t}: {e}"))?;
         workers.push(w);
     }
-    let mut check = 0;
-    for w in workers {
-        let (sum, bad) = w.join().map_err(|_| "a worker panicked")?;
-        if bad != 0 {
-            return Err(format!("{bad} blocks were overwritten"));
-        }
-        check += sum;
-    }
+    let check = join_checked(workers)?;
     Ok(Done {
         ops: (threads * (hold + steps)) as u64,
         check,
