@@ -269,9 +269,9 @@ impl PerCpuAlloc {
     /// eprintln!("{stats}");
     /// ```
     pub fn stats(&self) -> Stats {
-        match self.table_if_made() {
+        match self.table() {
             Some(table) => Stats::collect(table),
-            None => Stats::empty(self.path()),
+            None => Stats::empty(Path::Fallback),
         }
     }
 
