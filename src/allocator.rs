@@ -507,12 +507,36 @@ fn take(table: &Table, class: Class) -> *mut u8 {
     }
 }
 
-/// The rseq path found the task list empty (or had no CPU): splice or miss.
-/// Kept small, because in a program that holds far more blocks than the
-/// cap every alloc comes here.
+/// The rseq path found the task list empty (or had no CPU). In a program
+/// that holds far more blocks than the cap every alloc comes here, so the
+/// usual case (a CPU, no splice due, nothing deferred) is two loads and a
+/// jump to jemalloc, with no registers to save; everything else is
+/// [`alloc_rare_rseq`]. Marked cold all the same, so that the hit path is
+/// the one laid out straight.
 #[cold]
 #[inline(never)]
 fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
+    let header = table.header();
+    // No real CPU reaches `ncpu`; `u32::MAX` and `CORRUPT` are above it.
+    if cpu < header.ncpu {
+        let cache = table.cpu(cpu as usize);
+        let splice_due = cache
+            .lists
+            .get(class)
+            .map_or(true, |l| l.sig.len() >= header.threshold);
+        if !splice_due && cache.deferred.word() == 0 {
+            stats::count(table, Some(cpu as usize), class, Event::Miss);
+            return fresh(class, zeroed);
+        }
+    }
+    alloc_rare_rseq(table, class, cpu, zeroed)
+}
+
+/// [`alloc_slow_rseq`] when there is no CPU, a corrupted link, a splice
+/// due, or deferred blocks to hand back first.
+#[cold]
+#[inline(never)]
+fn alloc_rare_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
     match cpu {
         u32::MAX => return miss(table, class, None, zeroed),
         rseq::CORRUPT => hardened::corrupted(ptr::null_mut()),
@@ -587,6 +611,13 @@ fn miss(table: &Table, class: Class, cpu: Option<usize>, zeroed: bool) -> *mut u
             return_deferred(table, cpu);
         }
     }
+    fresh(class, zeroed)
+}
+
+/// A block of `class` straight from jemalloc, from its zeroing path if
+/// asked.
+#[inline(always)]
+fn fresh(class: Class, zeroed: bool) -> *mut u8 {
     let block = backend::alloc_class(class, zeroed);
     if !block.is_null() {
         // jemalloc may hand back a block this cache once marked.
@@ -607,12 +638,27 @@ fn return_deferred(table: &Table, cpu: usize) {
 }
 
 /// An overflow or an other-context free in task context: to jemalloc.
+/// Past the cap every free comes here, so the usual case (nothing deferred)
+/// is one load and a jump to jemalloc. Cold for the same reason as
+/// [`alloc_slow_rseq`].
 #[cold]
 #[inline(never)]
 unsafe fn overflow(table: &Table, class: Class, block: *mut u8, cpu: Option<usize>) {
     if let Some(cpu) = cpu {
-        return_deferred(table, cpu);
+        if table.cpu(cpu).deferred.word() != 0 {
+            // SAFETY: our caller's block of `class`.
+            return unsafe { overflow_after_deferred(table, class, block, cpu) };
+        }
     }
+    // SAFETY: our caller's block of `class`.
+    unsafe { backend::free_class(block, class) };
+}
+
+/// [`overflow`] when `cpu` has deferred blocks: they go home first.
+#[cold]
+#[inline(never)]
+unsafe fn overflow_after_deferred(table: &Table, class: Class, block: *mut u8, cpu: usize) {
+    return_deferred(table, cpu);
     // SAFETY: our caller's block of `class`.
     unsafe { backend::free_class(block, class) };
 }
