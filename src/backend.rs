@@ -33,12 +33,17 @@ fn flags(size: usize, align: usize) -> c_int {
 /// alignment its blocks have.
 #[inline]
 pub(crate) fn alloc_class(class: Class, zeroed: bool) -> *mut u8 {
-    // SAFETY: class sizes are non-zero.
+    let size = class_size(class);
+    if size == 0 {
+        // No such class (never asked for; see `class_size`).
+        return core::ptr::null_mut();
+    }
+    // SAFETY: `size` is non-zero.
     unsafe {
         if zeroed {
-            je::calloc(1, class_size(class)) as *mut u8
+            je::calloc(1, size) as *mut u8
         } else {
-            je::malloc(class_size(class)) as *mut u8
+            je::malloc(size) as *mut u8
         }
     }
 }
@@ -51,8 +56,14 @@ pub(crate) fn alloc_class(class: Class, zeroed: bool) -> *mut u8 {
 /// the cache) and is no longer used.
 #[inline]
 pub(crate) unsafe fn free_class(block: *mut u8, class: Class) {
-    // SAFETY: the caller's contract; the size is the one allocated.
-    unsafe { je::sdallocx(block as *mut c_void, class_size(class), 0) }
+    // SAFETY: the caller's contract; the size is the one allocated (and a
+    // number that is no class, which never comes here, frees unsized).
+    unsafe {
+        match class_size(class) {
+            0 => je::dallocx(block as *mut c_void, 0),
+            size => je::sdallocx(block as *mut c_void, size, 0),
+        }
+    }
 }
 
 /// Returns a block whose class is not known here (a deferred return).
