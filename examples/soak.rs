@@ -303,7 +303,7 @@ fn alloc_block(rng: &mut Rng) -> Block {
     if p.is_null() {
         fail(&format!("alloc({size}, {align}) returned null"));
     }
-    if p as usize % align != 0 {
+    if !(p as usize).is_multiple_of(align) {
         fail(&format!("alloc({size}, {align}) = {p:p}, misaligned"));
     }
     bump(&COUNTS.allocs);
@@ -620,7 +620,7 @@ fn run_worker(mut w: Worker, opts: &Opts, tid: &AtomicI32, barrier: &Barrier) {
             }
             bump(&COUNTS.transfers);
         }
-        if opts.signals && n % 16 == 0 {
+        if opts.signals && n.is_multiple_of(16) {
             refill_stash(&stash);
         }
         if opts.forks && n == next_fork {

@@ -1,5 +1,10 @@
 //! `PerCpuAlloc`: the `GlobalAlloc` that puts the per-CPU caches in front of
 //! jemalloc.
+//!
+//! The path is chosen once, when the table is made, by which of two
+//! pointers holds it: every call reads the rseq one first, and on the rseq
+//! path that one load and test are all the dispatch there is. The
+//! fallback and the table's making are out of line.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
@@ -7,17 +12,16 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::backend;
 use crate::config::Config;
-use crate::context::{current_context, Context};
-use crate::cpu_cache::Table;
 use crate::drain;
 use crate::env;
-use crate::fallback;
-use crate::free_list::fits;
-use crate::hardened;
-use crate::rseq::{self, Done};
-use crate::rules::{self, Alloc, Free};
-use crate::size_class::{class_of, class_size, Class};
-use crate::stats::{self, Counters, Event, ListCounts, Path, Snapshot, Stats, TrimReport};
+use crate::fallback::{self, Locked};
+use crate::percpu::{Path, PerCpu};
+use crate::rseq::{self, Rseq};
+use crate::rules;
+use crate::size_class::{class_of, Class};
+use crate::stats::{self, Counters, ListCounts, Snapshot, Stats, TrimReport};
+use crate::table::Site;
+use crate::table::{possible_cpus, Table};
 
 /// A global allocator with per-CPU, per-size-class caches in front of
 /// jemalloc.
@@ -43,8 +47,11 @@ use crate::stats::{self, Counters, Event, ListCounts, Path, Snapshot, Stats, Tri
 /// and memory must be freed through the instance that allocated it.
 /// Dropping an instance gives its cached blocks back to jemalloc.
 pub struct PerCpuAlloc {
+    /// The table, while the rseq path is live; null otherwise.
+    rseq: AtomicPtr<Table>,
+    /// The table, while the fallback path is live; null otherwise.
+    locked: AtomicPtr<Table>,
     config: Config,
-    table: AtomicPtr<Table>,
 }
 
 impl PerCpuAlloc {
@@ -73,8 +80,9 @@ impl PerCpuAlloc {
     /// ```
     pub const fn with_config(config: Config) -> Self {
         PerCpuAlloc {
+            rseq: AtomicPtr::new(ptr::null_mut()),
+            locked: AtomicPtr::new(ptr::null_mut()),
             config,
-            table: AtomicPtr::new(ptr::null_mut()),
         }
     }
 
@@ -160,10 +168,8 @@ impl PerCpuAlloc {
     /// ```
     pub fn counts(&self, cpu: usize, class: usize) -> Option<ListCounts> {
         let table = self.table()?;
-        if cpu >= table.header().ncpu as usize || class >= crate::NUM_CLASSES {
-            return None;
-        }
-        Some(stats::counts(table, cpu, class))
+        let class = Class::from_index(class)?;
+        (cpu < table.header().ncpu as usize).then(|| stats::counts(table, cpu, class))
     }
 
     /// Every non-empty list of every CPU, read as the iterator goes.
@@ -240,10 +246,8 @@ impl PerCpuAlloc {
     /// ```
     pub fn counters(&self, cpu: usize, class: usize) -> Option<Counters> {
         let table = self.table()?;
-        if cpu >= table.header().ncpu as usize || class >= crate::NUM_CLASSES {
-            return None;
-        }
-        Some(stats::counters(table, cpu, class))
+        let class = Class::from_index(class)?;
+        (cpu < table.header().ncpu as usize).then(|| stats::counters(table, cpu, class))
     }
 
     /// A summary of the caches: event totals (with the `stats` feature),
@@ -315,7 +319,11 @@ impl PerCpuAlloc {
     pub fn trim_current_cpu(&self) -> TrimReport {
         let mut report = TrimReport::default();
         if let Some(table) = self.table_if_made() {
-            if let Some(cpu) = current_cpu(table) {
+            let cpu = match table.header().path {
+                Path::Rseq => Rseq::cpu_hint(table),
+                Path::Fallback => Locked::cpu_hint(table),
+            };
+            if let Some(cpu) = cpu {
                 drain::trim_cpu(table, cpu, &mut report);
             }
         }
@@ -352,33 +360,33 @@ impl PerCpuAlloc {
     /// # Safety
     /// As [`GlobalAlloc::alloc`].
     pub unsafe fn alloc_cached(&self, layout: Layout) -> *mut u8 {
-        let table = match self.table_if_made() {
-            Some(t) => t,
-            None => return ptr::null_mut(),
+        let Some(table) = self.table_if_made() else {
+            return ptr::null_mut();
         };
-        match class_of(layout.size(), layout.align(), table.header().max_size) {
-            Some(class) => take(table, class),
-            None => ptr::null_mut(),
+        let Some(site) = site_of(table, layout) else {
+            return ptr::null_mut();
+        };
+        match table.header().path {
+            Path::Rseq => rules::alloc_cached::<Rseq>(table, site),
+            Path::Fallback => rules::alloc_cached::<Locked>(table, site),
         }
-    }
-
-    /// The table, made on first use; `None` if it cannot be made.
-    #[inline]
-    fn table(&self) -> Option<&Table> {
-        let table = self.table.load(Ordering::Acquire);
-        if !table.is_null() {
-            // SAFETY: a published table lives as long as `self`.
-            return Some(unsafe { &*table });
-        }
-        self.make_table()
     }
 
     /// The table if it has been made; never makes it.
     #[inline]
     fn table_if_made(&self) -> Option<&Table> {
-        let table = self.table.load(Ordering::Acquire);
+        let mut table = self.rseq.load(Ordering::Acquire);
+        if table.is_null() {
+            table = self.locked.load(Ordering::Acquire);
+        }
         // SAFETY: a published table lives as long as `self`.
         (!table.is_null()).then(|| unsafe { &*table })
+    }
+
+    /// The table, made on first use; `None` if it cannot be made.
+    #[inline]
+    fn table(&self) -> Option<&Table> {
+        self.table_if_made().or_else(|| self.make_table())
     }
 
     #[cold]
@@ -390,23 +398,30 @@ impl PerCpuAlloc {
         } else {
             (self.config, false)
         };
-        let (path, offset) = match (config.fallback_forced(), rseq::registered()) {
-            (false, Some(offset)) => (Path::Rseq, offset),
-            _ => (Path::Fallback, 0),
+        // The rseq sections find a CPU's region with no bounds check, so
+        // that path needs a table over every possible CPU.
+        let cpus = possible_cpus();
+        let (path, offset, ncpu) = match (config.fallback_forced(), rseq::registered(), cpus) {
+            (false, Some(offset), Some(ncpu)) => (Path::Rseq, offset, ncpu),
+            _ => (Path::Fallback, 0, cpus.unwrap_or(1024)),
         };
-        let new = Table::create(&config, path, offset);
+        if path == Path::Fallback {
+            fallback::choose_cpu_reader(ncpu);
+        }
+        let new = Table::create(&config, path, offset, ncpu);
         if new.is_null() {
             return None;
         }
-        match self
-            .table
-            .compare_exchange(ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire)
-        {
+        // Every thread of a process picks the same path, so racing makers
+        // meet on the same pointer.
+        let slot = match path {
+            Path::Rseq => &self.rseq,
+            Path::Fallback => &self.locked,
+        };
+        match slot.compare_exchange(ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
                 Table::register(new);
-                if path == Path::Fallback {
-                    fallback::watch_forks();
-                }
+                fallback::watch_forks();
                 if print_stats {
                     stats::print_at_exit();
                 }
@@ -422,41 +437,122 @@ impl PerCpuAlloc {
         }
     }
 
+    /// An alloc on the rseq path, the one inlined into `__rust_alloc`.
     #[inline(always)]
     unsafe fn alloc_impl(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        if let Some(table) = self.table() {
-            let header = table.header();
-            if let Some(class) = class_of(layout.size(), layout.align(), header.max_size) {
-                let block = match header.path {
-                    Path::Rseq => {
-                        // SAFETY: the table is live and on the rseq path.
-                        let (block, cpu) = unsafe {
-                            rseq::pop(header.rseq_offset, table.class_base(class), header.ncpu)
-                        };
-                        if block.is_null() {
-                            return alloc_slow_rseq(table, class, cpu, zeroed);
-                        }
-                        stats::count(table, Some(cpu as usize), class, Event::Hit);
-                        hardened::on_alloc(block, class_size(class));
-                        block
-                    }
-                    Path::Fallback => {
-                        let (block, cpu) = take_locked(table, class);
-                        if block.is_null() {
-                            return miss(table, class, cpu, zeroed);
-                        }
-                        block
-                    }
-                };
-                if zeroed {
-                    // SAFETY: a cached block of this class holds at least
-                    // `layout.size()` bytes.
-                    unsafe { ptr::write_bytes(block, 0, layout.size()) };
-                }
-                return block;
-            }
+        let table = self.rseq.load(Ordering::Acquire);
+        if table.is_null() {
+            return alloc_elsewhere(layout.size(), layout.align(), zeroed, self);
         }
-        backend::alloc(layout.size().max(1), layout.align(), zeroed)
+        // SAFETY: a published table lives as long as `self`.
+        alloc_on::<Rseq>(layout, zeroed, unsafe { &*table })
+    }
+}
+
+// The out-of-line functions take the caller's arguments first, in the
+// registers they arrive in, so that jumping to one moves nothing.
+
+/// An alloc on the fallback path, or before the table is made.
+#[inline(never)]
+fn alloc_elsewhere(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc) -> *mut u8 {
+    // SAFETY: `size` and `align` came from a `Layout`.
+    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
+    let table = alloc.locked.load(Ordering::Acquire);
+    if !table.is_null() {
+        // SAFETY: a published table lives as long as `alloc`.
+        return alloc_on::<Locked>(layout, zeroed, unsafe { &*table });
+    }
+    match alloc.make_table() {
+        // SAFETY: the table is published now.
+        Some(_) => unsafe { alloc.alloc_impl(layout, zeroed) },
+        None => backend::alloc(layout.size().max(1), layout.align(), zeroed),
+    }
+}
+
+/// A free on the fallback path, or with no table.
+///
+/// # Safety
+/// As `GlobalAlloc::dealloc`.
+#[inline(never)]
+unsafe fn dealloc_elsewhere(ptr: *mut u8, size: usize, align: usize, alloc: &PerCpuAlloc) {
+    // SAFETY: `size` and `align` came from a `Layout`.
+    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
+    let table = alloc.locked.load(Ordering::Acquire);
+    if !table.is_null() {
+        // SAFETY: a published table lives as long as `alloc`; forwarded
+        // contract.
+        return unsafe { dealloc_on::<Locked>(ptr, layout, &*table) };
+    }
+    // SAFETY: with no table, `alloc` took every block from jemalloc with
+    // this size and alignment.
+    unsafe { backend::free(ptr, layout.size().max(1), layout.align()) }
+}
+
+/// Where `table` caches `layout`, if it does.
+#[inline]
+fn site_of(table: &Table, layout: Layout) -> Option<Site> {
+    match layout.align() {
+        ..=8 => table.site(layout.size()),
+        align => table.site_aligned(layout.size(), align),
+    }
+}
+
+/// An alloc through `table`'s path `P`. Over-aligned layouts are rare and
+/// go out of line, so that the hot path never waits on their lookup.
+#[inline(always)]
+fn alloc_on<P: PerCpu>(layout: Layout, zeroed: bool, table: &Table) -> *mut u8 {
+    if layout.align() > 8 {
+        return alloc_aligned::<P>(layout.size(), layout.align(), zeroed, table);
+    }
+    match table.site(layout.size()) {
+        Some(site) => rules::alloc::<P>(table, site, if zeroed { layout.size() } else { 0 }),
+        None => backend::alloc(layout.size().max(1), layout.align(), zeroed),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn alloc_aligned<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Table) -> *mut u8 {
+    // SAFETY: `size` and `align` came from a `Layout`.
+    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
+    match table.site_aligned(layout.size(), layout.align()) {
+        Some(site) => rules::alloc::<P>(table, site, if zeroed { layout.size() } else { 0 }),
+        None => backend::alloc(layout.size().max(1), layout.align(), zeroed),
+    }
+}
+
+/// A free through `table`'s path `P`.
+///
+/// # Safety
+/// As `GlobalAlloc::dealloc`, for a block this allocator made with `table`.
+#[inline(always)]
+unsafe fn dealloc_on<P: PerCpu>(ptr: *mut u8, layout: Layout, table: &Table) {
+    if layout.align() > 8 {
+        // SAFETY: forwarded contract.
+        return unsafe { dealloc_aligned::<P>(ptr, layout.size(), layout.align(), table) };
+    }
+    match table.site(layout.size()) {
+        // SAFETY: `ptr` was allocated with `layout` by this allocator, so
+        // it is a block of the site's class.
+        Some(site) => unsafe { rules::free::<P>(table, site, ptr) },
+        // SAFETY: not a cacheable layout, so `alloc` took it from jemalloc
+        // with this size and alignment.
+        None => unsafe { backend::free(ptr, layout.size().max(1), layout.align()) },
+    }
+}
+
+/// # Safety
+/// As [`dealloc_on`].
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_aligned<P: PerCpu>(ptr: *mut u8, size: usize, align: usize, table: &Table) {
+    // SAFETY: `size` and `align` came from a `Layout`.
+    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
+    match table.site_aligned(layout.size(), layout.align()) {
+        // SAFETY: as in `dealloc_on`.
+        Some(site) => unsafe { rules::free::<P>(table, site, ptr) },
+        // SAFETY: as in `dealloc_on`.
+        None => unsafe { backend::free(ptr, layout.size().max(1), layout.align()) },
     }
 }
 
@@ -468,307 +564,18 @@ impl Default for PerCpuAlloc {
 
 impl Drop for PerCpuAlloc {
     fn drop(&mut self) {
-        let table = *self.table.get_mut();
-        if !table.is_null() {
-            Table::unregister(table);
-            // SAFETY: `&mut self`: no call into this allocator is running,
-            // and none can start, so the table is ours to empty and unmap.
-            unsafe {
-                drain::teardown(&*table);
-                Table::destroy(table);
-            }
-        }
-    }
-}
-
-/// Takes a cached block of `class` on the current CPU: a hit, or a splice;
-/// null on a miss. Never calls jemalloc (`alloc_cached`).
-#[inline]
-fn take(table: &Table, class: Class) -> *mut u8 {
-    let header = table.header();
-    match header.path {
-        Path::Rseq => {
-            // SAFETY: the table is live and on the rseq path.
-            let (block, cpu) =
-                unsafe { rseq::pop(header.rseq_offset, table.class_base(class), header.ncpu) };
-            match cpu {
-                u32::MAX => return block,
-                rseq::CORRUPT => hardened::corrupted(ptr::null_mut()),
-                _ => {}
-            }
-            if !block.is_null() {
-                stats::count(table, Some(cpu as usize), class, Event::Hit);
-                hardened::on_alloc(block, class_size(class));
-                return block;
-            }
-            splice_if_due(table, class, cpu as usize)
-        }
-        Path::Fallback => take_locked(table, class).0,
-    }
-}
-
-/// The rseq path found the task list empty (or had no CPU). In a program
-/// that holds far more blocks than the cap every alloc comes here, so the
-/// usual case (a CPU, no splice due, nothing deferred) is two loads and a
-/// jump to jemalloc, with no registers to save; everything else is
-/// [`alloc_rare_rseq`]. Marked cold all the same, so that the hit path is
-/// the one laid out straight.
-#[cold]
-#[inline(never)]
-fn alloc_slow_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
-    let header = table.header();
-    // No real CPU reaches `ncpu`; `u32::MAX` and `CORRUPT` are above it.
-    if cpu < header.ncpu {
-        let cache = table.cpu(cpu as usize);
-        let splice_due = cache
-            .lists
-            .get(class)
-            .map_or(true, |l| l.sig.len() >= header.threshold);
-        if !splice_due && cache.deferred.word() == 0 {
-            stats::count(table, Some(cpu as usize), class, Event::Miss);
-            return fresh(class, zeroed);
-        }
-    }
-    alloc_rare_rseq(table, class, cpu, zeroed)
-}
-
-/// [`alloc_slow_rseq`] when there is no CPU, a corrupted link, a splice
-/// due, or deferred blocks to hand back first.
-#[cold]
-#[inline(never)]
-fn alloc_rare_rseq(table: &Table, class: Class, cpu: u32, zeroed: bool) -> *mut u8 {
-    match cpu {
-        u32::MAX => return miss(table, class, None, zeroed),
-        rseq::CORRUPT => hardened::corrupted(ptr::null_mut()),
-        _ => {}
-    }
-    let block = splice_if_due(table, class, cpu as usize);
-    if block.is_null() {
-        return miss(table, class, Some(cpu as usize), zeroed);
-    }
-    if zeroed {
-        // SAFETY: a cached block of this class; zeroing all of it covers
-        // any layout it serves.
-        unsafe { ptr::write_bytes(block, 0, crate::size_class::class_size(class)) };
-    }
-    block
-}
-
-/// Rule 1 of alloc on the rseq path, after the task list of `cpu` was found
-/// empty: splice if the signal list has reached the threshold. The length
-/// check is inline; the splice itself, rarely needed, is out of line.
-#[inline]
-fn splice_if_due(table: &Table, class: Class, cpu: usize) -> *mut u8 {
-    let threshold = table.header().threshold;
-    let due = table
-        .cpu(cpu)
-        .lists
-        .get(class)
-        .is_some_and(|l| l.sig.len() >= threshold);
-    if due {
-        splice_out_of_line(table, class, cpu)
-    } else {
-        ptr::null_mut()
-    }
-}
-
-#[inline(never)]
-fn splice_out_of_line(table: &Table, class: Class, cpu: usize) -> *mut u8 {
-    match rules::splice_rseq(table, cpu, class) {
-        Alloc::Spliced(block) => {
-            stats::count(table, Some(cpu), class, Event::Splice);
-            hardened::on_alloc(block, class_size(class));
-            block
-        }
-        _ => ptr::null_mut(),
-    }
-}
-
-/// The fallback path: pop (or splice) under the CPU's slot.
-#[inline]
-fn take_locked(table: &Table, class: Class) -> (*mut u8, Option<usize>) {
-    let cpu = match fallback::current_cpu(table.header().ncpu) {
-        Some(cpu) => cpu,
-        None => return (ptr::null_mut(), None),
-    };
-    let (block, event) = match rules::alloc_locked(table, cpu, class) {
-        Alloc::Hit(block) => (block, Event::Hit),
-        Alloc::Spliced(block) => (block, Event::Splice),
-        Alloc::Miss | Alloc::Busy => return (ptr::null_mut(), Some(cpu)),
-    };
-    stats::count(table, Some(cpu), class, event);
-    hardened::on_alloc(block, class_size(class));
-    (block, Some(cpu))
-}
-
-/// A miss: a fresh block from jemalloc, outside any critical section or
-/// slot. Task context also hands back the CPU's deferred blocks first.
-#[inline]
-fn miss(table: &Table, class: Class, cpu: Option<usize>, zeroed: bool) -> *mut u8 {
-    stats::count(table, cpu, class, Event::Miss);
-    if let Some(cpu) = cpu {
-        if current_context() == Context::Task {
-            return_deferred(table, cpu);
-        }
-    }
-    fresh(class, zeroed)
-}
-
-/// A block of `class` straight from jemalloc, from its zeroing path if
-/// asked.
-#[inline(always)]
-fn fresh(class: Class, zeroed: bool) -> *mut u8 {
-    let block = backend::alloc_class(class, zeroed);
-    if !block.is_null() {
-        // jemalloc may hand back a block this cache once marked.
-        hardened::on_alloc(block, class_size(class));
-    }
-    block
-}
-
-/// Task context, outside any critical section: deferred blocks go home.
-#[inline]
-fn return_deferred(table: &Table, cpu: usize) {
-    if let Some(chain) = rules::take_deferred(table, cpu) {
-        for block in chain {
-            // SAFETY: deferred blocks are live jemalloc blocks nobody uses.
-            unsafe { backend::free_unsized(block) };
-        }
-    }
-}
-
-/// An overflow or an other-context free in task context: to jemalloc.
-/// Past the cap every free comes here, so the usual case (nothing deferred)
-/// is one load and a jump to jemalloc. Cold for the same reason as
-/// [`alloc_slow_rseq`].
-#[cold]
-#[inline(never)]
-unsafe fn overflow(table: &Table, class: Class, block: *mut u8, cpu: Option<usize>) {
-    if let Some(cpu) = cpu {
-        if table.cpu(cpu).deferred.word() != 0 {
-            // SAFETY: our caller's block of `class`.
-            return unsafe { overflow_after_deferred(table, class, block, cpu) };
-        }
-    }
-    // SAFETY: our caller's block of `class`.
-    unsafe { backend::free_class(block, class) };
-}
-
-/// [`overflow`] when `cpu` has deferred blocks: they go home first.
-#[cold]
-#[inline(never)]
-unsafe fn overflow_after_deferred(table: &Table, class: Class, block: *mut u8, cpu: usize) {
-    return_deferred(table, cpu);
-    // SAFETY: our caller's block of `class`.
-    unsafe { backend::free_class(block, class) };
-}
-
-/// Frees `block` of `class` into the current CPU's cache.
-///
-/// # Safety
-/// `block` is a block of `class` from this table's allocator, no longer
-/// used.
-#[inline(always)]
-unsafe fn give(table: &Table, class: Class, block: *mut u8) {
-    let header = table.header();
-    let ctx = current_context();
-    if !fits(block) {
-        // A list word cannot hold an address above 2^48. jemalloc never
-        // hands one out on Linux (see `free_list`); if it ever did, task
-        // context returns the block, and signal context, which must not call
-        // jemalloc and has no list to put it on, keeps it (a leak, not a
-        // corruption).
-        if ctx != Context::Signal {
-            // SAFETY: our caller's block of `class`.
-            unsafe { backend::free_class(block, class) };
-        }
-        return;
-    }
-    hardened::on_free(block, class_size(class));
-    match (header.path, ctx) {
-        (Path::Rseq, Context::Task) => {
-            // SAFETY: the table is live and on the rseq path; we own the
-            // block and it fits a list word.
-            let (done, cpu) = unsafe {
-                rseq::push(
-                    header.rseq_offset,
-                    table.class_base(class),
-                    header.ncpu,
-                    block,
-                    header.cap(class),
-                )
-            };
-            let cpu = cpu as usize;
-            match done {
-                Done::Committed => stats::count(table, Some(cpu), class, Event::FreeTask),
-                Done::Refused => {
-                    stats::count(table, Some(cpu), class, Event::FreeTask);
-                    stats::count(table, Some(cpu), class, Event::Overflow);
-                    // SAFETY: the cache refused our block; it is still ours.
-                    unsafe { overflow(table, class, block, Some(cpu)) };
-                }
-                Done::NoCpu => {
-                    stats::count(table, None, class, Event::FreeOther);
-                    // SAFETY: as above.
-                    unsafe { overflow(table, class, block, None) };
+        for table in [*self.rseq.get_mut(), *self.locked.get_mut()] {
+            if !table.is_null() {
+                Table::unregister(table);
+                // SAFETY: `&mut self`: no call into this allocator is
+                // running, and none can start, so the table is ours to
+                // empty and unmap.
+                unsafe {
+                    drain::teardown(&*table);
+                    Table::destroy(table);
                 }
             }
         }
-        (Path::Rseq, Context::Signal) => {
-            // Signal context must not call jemalloc: with no CPU number,
-            // CPU 0's lists take the block.
-            let cpu = rseq::cpu_id(header.rseq_offset)
-                .filter(|&c| c < header.ncpu)
-                .unwrap_or(0) as usize;
-            // SAFETY: we own the block and it fits a list word.
-            let free = unsafe { rules::free_signal(table, table.cpu(cpu), class, block) };
-            count_free(table, Some(cpu), class, ctx, free);
-        }
-        (Path::Fallback, _) | (_, Context::Other) => {
-            let cpu = fallback::current_cpu(header.ncpu);
-            let free = match (cpu, ctx) {
-                // SAFETY: we own the block and it fits a list word.
-                (Some(cpu), _) => unsafe { rules::free_locked(table, cpu, class, block, ctx) },
-                // SAFETY: as above.
-                (None, Context::Signal) => unsafe {
-                    rules::free_signal(table, table.cpu(0), class, block)
-                },
-                (None, _) => Free::Other,
-            };
-            count_free(table, cpu, class, ctx, free);
-            if let Free::Overflow | Free::Other = free {
-                // SAFETY: the cache refused our block; it is still ours.
-                unsafe { overflow(table, class, block, cpu) };
-            }
-        }
-    }
-}
-
-/// Counts a free by its context and, past the cap, by what became of it.
-#[inline(always)]
-fn count_free(table: &Table, cpu: Option<usize>, class: Class, ctx: Context, free: Free) {
-    let by_context = match (free, ctx) {
-        // No CPU, or the context says so: other context either way.
-        (Free::Other, _) | (_, Context::Other) => Event::FreeOther,
-        (_, Context::Task) => Event::FreeTask,
-        (_, Context::Signal) => Event::FreeSignal,
-    };
-    stats::count(table, cpu, class, by_context);
-    match free {
-        Free::Overflow => stats::count(table, cpu, class, Event::Overflow),
-        Free::Deferred => stats::count(table, cpu, class, Event::Deferred),
-        Free::Task | Free::Signal | Free::Other => {}
-    }
-}
-
-/// The CPU the calling thread runs on now, by the table's path.
-fn current_cpu(table: &Table) -> Option<usize> {
-    let header = table.header();
-    match header.path {
-        Path::Rseq => rseq::cpu_id(header.rseq_offset)
-            .filter(|&c| c < header.ncpu)
-            .map(|c| c as usize),
-        Path::Fallback => fallback::current_cpu(header.ncpu),
     }
 }
 
@@ -792,16 +599,14 @@ unsafe impl GlobalAlloc for PerCpuAlloc {
 
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if let Some(table) = self.table_if_made() {
-            if let Some(class) = class_of(layout.size(), layout.align(), table.header().max_size) {
-                // SAFETY: `ptr` was allocated with `layout` by this
-                // allocator, so it is a block of `class`.
-                return unsafe { give(table, class, ptr) };
-            }
+        let table = self.rseq.load(Ordering::Acquire);
+        if table.is_null() {
+            // SAFETY: forwarded contract.
+            return unsafe { dealloc_elsewhere(ptr, layout.size(), layout.align(), self) };
         }
-        // SAFETY: not a cacheable layout, so `alloc_impl` took it from
-        // jemalloc with this size and alignment.
-        unsafe { backend::free(ptr, layout.size().max(1), layout.align()) }
+        // SAFETY: a published table lives as long as `self`; forwarded
+        // contract.
+        unsafe { dealloc_on::<Rseq>(ptr, layout, &*table) }
     }
 
     #[inline]
@@ -810,9 +615,9 @@ unsafe impl GlobalAlloc for PerCpuAlloc {
             Ok(l) => l,
             Err(_) => return ptr::null_mut(),
         };
-        let max = self.table_if_made().map_or(0, |t| t.header().max_size);
-        let old_class = class_of(layout.size(), layout.align(), max);
-        let new_class = class_of(new_size, layout.align(), max);
+        let limit = self.table_if_made().map_or(0, |t| t.header().size_limit);
+        let old_class = class_of(layout.size(), layout.align(), limit);
+        let new_class = class_of(new_size, layout.align(), limit);
         match (old_class, new_class) {
             // The block already holds `new_size` bytes with this alignment.
             (Some(a), Some(b)) if a == b => ptr,

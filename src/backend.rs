@@ -8,7 +8,7 @@
 use core::ffi::{c_int, c_void};
 use tikv_jemalloc_sys as je;
 
-use crate::size_class::{class_size, Class};
+use crate::size_class::Class;
 
 /// Alignment that jemalloc gives every allocation of at least this size
 /// without being asked (its quantum on x86_64 and aarch64).
@@ -33,12 +33,8 @@ fn flags(size: usize, align: usize) -> c_int {
 /// alignment its blocks have.
 #[inline]
 pub(crate) fn alloc_class(class: Class, zeroed: bool) -> *mut u8 {
-    let size = class_size(class);
-    if size == 0 {
-        // No such class (never asked for; see `class_size`).
-        return core::ptr::null_mut();
-    }
-    // SAFETY: `size` is non-zero.
+    let size = class.size();
+    // SAFETY: `size` is a class size, non-zero.
     unsafe {
         if zeroed {
             je::calloc(1, size) as *mut u8
@@ -56,14 +52,8 @@ pub(crate) fn alloc_class(class: Class, zeroed: bool) -> *mut u8 {
 /// the cache) and is no longer used.
 #[inline]
 pub(crate) unsafe fn free_class(block: *mut u8, class: Class) {
-    // SAFETY: the caller's contract; the size is the one allocated (and a
-    // number that is no class, which never comes here, frees unsized).
-    unsafe {
-        match class_size(class) {
-            0 => je::dallocx(block as *mut c_void, 0),
-            size => je::sdallocx(block as *mut c_void, size, 0),
-        }
-    }
+    // SAFETY: the caller's contract; the size is the one allocated.
+    unsafe { je::sdallocx(block as *mut c_void, class.size(), 0) }
 }
 
 /// Returns a block whose class is not known here (a deferred return).

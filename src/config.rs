@@ -1,8 +1,7 @@
 //! The knobs of the cache, settable in a `const` context so that a
 //! `#[global_allocator]` static can carry them.
 
-use crate::free_list::MAX_TASK_LIST;
-use crate::size_class::{class_size, last_class_within, Class, MAX_CACHEABLE_SIZE, NUM_CLASSES};
+use crate::size_class::{last_class_within, CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_CLASSES};
 
 /// Configuration of a [`PerCpuAlloc`](crate::PerCpuAlloc).
 ///
@@ -69,8 +68,10 @@ impl Config {
     /// assert!(config.cpu_bound_bytes() <= Config::DEFAULT_CPU_BYTE_BUDGET);
     /// ```
     pub const DEFAULT_CPU_BYTE_BUDGET: usize = 1536 * 1024;
-    /// The largest cap a class can have: task list lengths live in 10 bits
-    /// and must hold a spliced signal list, which can pass the cap by one.
+    /// The largest cap a class can have. Every CPU's record of a class has
+    /// a slot (8 bytes of address space, touched only when used) per block
+    /// of its cap, and a spliced signal list, which can pass the cap by
+    /// one, must fit the task word's 13-bit chain length.
     ///
     /// ```
     /// use percpu_alloc::Config;
@@ -266,7 +267,7 @@ impl Config {
     /// ```
     pub const fn cached_size_limit(&self) -> usize {
         match last_class_within(self.max_cached_size) {
-            Some(class) => class_size(class),
+            Some(class) => class.size(),
             None => 0,
         }
     }
@@ -308,7 +309,7 @@ impl Config {
     /// ```
     pub const fn cached_classes(&self) -> usize {
         match last_class_within(self.max_cached_size) {
-            Some(class) => class + 1,
+            Some(class) => class.index() + 1,
             None => 0,
         }
     }
@@ -325,7 +326,7 @@ impl Config {
     /// assert!(config.class_cap(20) < 256); // 1 KiB blocks: budgeted
     /// assert_eq!(config.class_cap(21), 0); // 1280 bytes: not cached
     /// ```
-    pub const fn class_cap(&self, class: Class) -> u32 {
+    pub const fn class_cap(&self, class: usize) -> u32 {
         let classes = self.cached_classes();
         // The `hardened` feature serves 8-byte requests from the 16-byte
         // class (see `size_class`), so the 8-byte class caches nothing.
@@ -333,7 +334,7 @@ impl Config {
             return 0;
         }
         let share = self.cpu_byte_budget / classes;
-        let by_budget = share / class_size(class);
+        let by_budget = share / CLASS_SIZES[class];
         if by_budget < self.cap as usize {
             by_budget as u32
         } else {
@@ -360,15 +361,12 @@ impl Config {
         let mut total = 0;
         let mut class = 0;
         while class < NUM_CLASSES {
-            total += self.class_cap(class) as usize * class_size(class);
+            total += self.class_cap(class) as usize * CLASS_SIZES[class];
             class += 1;
         }
         total
     }
 }
-
-// A spliced signal list may hold cap + 1 blocks.
-const _: () = assert!(Config::MAX_CAP < MAX_TASK_LIST);
 
 impl Default for Config {
     fn default() -> Self {

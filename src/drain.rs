@@ -6,25 +6,25 @@
 //! The signal and deferred lists are atomics: any thread takes them whole.
 //! A task list belongs to its CPU: on the fallback path a drain takes the
 //! CPU's slot like any operation; on the rseq path the critical sections
-//! store without atomics, so a drain first sets the list's drain bit (every
-//! section refuses a list with it set), then has the kernel abort any
-//! section in flight on that CPU (`membarrier` with
-//! `MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ`). If the bit is still there
-//! afterwards, no section can commit over it and the list is the drain's.
+//! store without atomics, so a drain first sets the drain bit of each task
+//! word it wants (every section refuses a word with it set), then has the
+//! kernel abort any section in flight on that CPU (`membarrier` with
+//! `MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ`). A word that still has the bit
+//! afterwards is the drain's: no section can commit over it, and none
+//! writes its slots, until the drain stores the empty word. One fence
+//! serves every class of the CPU.
 //!
-//! A task list's front slots stay in the CPU's cache when its word is
-//! taken, and its owner refills them as soon as the word is released. So
-//! a drain copies them out while it still holds the list (slot, drain bit,
-//! or exclusive access), and only then releases the word.
+//! jemalloc is called with the drain bit held (nobody waits on it: the
+//! CPU's sections miss or overflow meanwhile), never with a slot held.
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::backend;
-use crate::cpu_cache::{ClassLists, Table};
-use crate::free_list::{front_len, Chain, DRAIN_BIT, FRONT_SLOTS};
-use crate::size_class::{class_size, NUM_CLASSES};
+use crate::list::Chain;
+use crate::percpu::Path;
+use crate::size_class::{Class, NUM_CLASSES};
 use crate::stats::TrimReport;
-use crate::Path;
+use crate::table::{Record, Table, TaskWord};
 
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ: libc::c_int = 1 << 7;
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ: libc::c_int = 1 << 8;
@@ -41,20 +41,29 @@ pub(crate) fn trim(table: &Table) -> TrimReport {
 
 /// Gives back everything cached on one CPU.
 pub(crate) fn trim_cpu(table: &Table, cpu: usize, report: &mut TrimReport) {
-    let cache = table.cpu(cpu);
     let reached = match table.header().path {
         Path::Rseq => take_task_lists_rseq(table, cpu, report),
-        Path::Fallback => take_task_lists_locked(table, cpu, report),
+        Path::Fallback => table
+            .classes()
+            .all(|class| take_task_list_locked(table, cpu, class, report)),
     };
     if !reached {
         report.cpus_skipped += 1;
     }
-    for (class, lists) in cache.lists.iter().enumerate() {
-        // SAFETY: a taken signal list is ours.
-        free_chain(unsafe { Chain::new(lists.sig.take()) }, class, report);
+    take_lists(table, cpu, report);
+}
+
+/// The signal lists and the deferred list of a CPU, which any thread may
+/// take.
+fn take_lists(table: &Table, cpu: usize, report: &mut TrimReport) {
+    for class in table.classes() {
+        if let Some(rec) = table.record(cpu, class) {
+            // SAFETY: a taken signal list is ours.
+            free_cached(unsafe { Chain::new(rec.sig.take()) }, class, report);
+        }
     }
     // SAFETY: a taken deferred list is ours.
-    for block in unsafe { Chain::new(cache.deferred.take()) } {
+    for block in unsafe { Chain::new(table.cpu(cpu).deferred.take()) } {
         report.deferred_blocks += 1;
         // SAFETY: deferred blocks are live jemalloc blocks nobody uses.
         unsafe { backend::free_unsized(block) };
@@ -69,148 +78,176 @@ pub(crate) fn trim_cpu(table: &Table, cpu: usize, report: &mut TrimReport) {
 pub(crate) unsafe fn teardown(table: &Table) -> TrimReport {
     let mut report = TrimReport::default();
     for cpu in table.cpus() {
-        let cache = table.cpu(cpu);
-        for (class, lists) in cache.lists.iter().enumerate() {
-            let word = lists.task.load(Ordering::Acquire);
-            // SAFETY: no section or slot holder can be running (our caller's
-            // contract), so the list is ours.
-            let taken = unsafe { take_held(lists, word) };
-            lists.task.store(0, Ordering::Release);
-            free_taken(class, taken, &mut report);
+        for class in table.classes() {
+            let Some(rec) = table.record(cpu, class) else {
+                continue;
+            };
+            let word = rec.task.load();
+            if word != TaskWord::EMPTY {
+                // SAFETY: no section or slot holder can be running (our
+                // caller's contract), so the list is ours.
+                unsafe { free_task_list(rec, word.undrained(), class, &mut report) };
+                rec.task.store(TaskWord::EMPTY);
+            }
         }
-        if cache.slot.load(Ordering::Relaxed) != 0 {
-            cache.unlock();
-        }
+        take_lists(table, cpu, &mut report);
     }
-    let rest = trim(table);
-    report.blocks += rest.blocks;
-    report.bytes += rest.bytes;
-    report.deferred_blocks += rest.deferred_blocks;
     report
 }
 
-/// A task list taken off its CPU: its word and a copy of its front slots.
-struct Taken {
-    word: u64,
-    front: [*mut u8; FRONT_SLOTS as usize],
-}
-
-/// Copies the list `word` (the current task list of `lists`) with its front
-/// slots, before the caller releases the word.
+/// Gives the blocks of a task list that the caller holds back to
+/// jemalloc: the slots below its length, or its chain.
 ///
 /// # Safety
-/// The caller holds the list: no one can change the word or the slots
-/// below its front count until the caller releases it.
-unsafe fn take_held(lists: &ClassLists, word: u64) -> Taken {
-    let mut front = [core::ptr::null_mut(); FRONT_SLOTS as usize];
-    let n = (front_len(word) as usize).min(front.len());
-    for (copy, slot) in front.iter_mut().zip(&lists.front[..n]) {
-        *copy = slot.load(Ordering::Relaxed) as *mut u8;
+/// The caller holds the list (exclusive use, the drain bit after the
+/// fence, or the slot): nobody changes the word or the slots below it.
+unsafe fn free_task_list(rec: &Record, word: TaskWord, class: Class, report: &mut TrimReport) {
+    if let Some(chain) = word.in_chain() {
+        // SAFETY: the chain was given up with the word.
+        return free_cached(unsafe { Chain::new(chain) }, class, report);
     }
-    Taken {
-        word: word & !DRAIN_BIT,
-        front,
+    for i in 0..word.in_slots().unwrap_or(0) {
+        // SAFETY: slots below the length exist and hold live blocks.
+        let block = unsafe { rec.slot(i) }.load(Ordering::Relaxed);
+        free_one(block, class, report);
     }
 }
 
-/// Gives a taken task list back to jemalloc: its front slots, then its
-/// linked part.
-fn free_taken(class: usize, taken: Taken, report: &mut TrimReport) {
-    let n = (front_len(taken.word) as usize).min(taken.front.len());
-    for &block in &taken.front[..n] {
-        report.blocks += 1;
-        report.bytes += class_size(class);
-        // SAFETY: the slots below the front count held live blocks of
-        // `class`, given up with the word.
-        unsafe { backend::free_class(block, class) };
-    }
-    // SAFETY: the linked part was given up with the word too.
-    free_chain(unsafe { Chain::new(taken.word) }, class, report);
-}
-
-fn free_chain(chain: Chain, class: usize, report: &mut TrimReport) {
+fn free_cached(chain: Chain, class: Class, report: &mut TrimReport) {
     for block in chain {
-        report.blocks += 1;
-        report.bytes += class_size(class);
-        // SAFETY: a listed block of `class` is a live jemalloc block of that
-        // class size that nobody uses.
-        unsafe { backend::free_class(block, class) };
+        free_one(block, class, report);
     }
 }
 
-fn take_task_lists_locked(table: &Table, cpu: usize, report: &mut TrimReport) -> bool {
-    let cache = table.cpu(cpu);
-    // A slot is held for a few instructions; a holder that stays (preempted,
-    // or gone in a forked child) is waited for only so long.
+fn free_one(block: *mut u8, class: Class, report: &mut TrimReport) {
+    report.blocks += 1;
+    report.bytes += class.size();
+    // SAFETY: a cached block of `class` is a live jemalloc block of that
+    // class size that nobody uses.
+    unsafe { backend::free_class(block, class) };
+}
+
+/// The fallback path: the task list of one class under the CPU's slot, a
+/// few blocks at a time, so the slot is never held across jemalloc.
+fn take_task_list_locked(table: &Table, cpu: usize, class: Class, report: &mut TrimReport) -> bool {
+    const BATCH: usize = 64;
+    let (Some(rec), head) = (table.record(cpu, class), table.cpu(cpu)) else {
+        return true;
+    };
+    loop {
+        if !lock_for_drain(table, cpu) {
+            return false;
+        }
+        let word = rec.task.load();
+        let mut batch = [core::ptr::null_mut(); BATCH];
+        let mut taken = 0;
+        let mut chain = None;
+        if let Some(list) = word.in_chain() {
+            chain = Some(list);
+            rec.task.store(TaskWord::EMPTY);
+        } else if let Some(n) = word.in_slots() {
+            taken = (n as usize).min(BATCH);
+            for (i, b) in batch.iter_mut().take(taken).enumerate() {
+                // SAFETY: below the length; we hold the slot.
+                *b = unsafe { rec.slot(n - 1 - i as u32) }.load(Ordering::Relaxed);
+            }
+            rec.task.store(TaskWord::slots(n - taken as u32));
+        }
+        head.unlock();
+        if let Some(list) = chain {
+            // SAFETY: the chain was given up with the word.
+            free_cached(unsafe { Chain::new(list) }, class, report);
+        }
+        for &block in &batch[..taken] {
+            free_one(block, class, report);
+        }
+        if chain.is_none() && taken < BATCH {
+            return true;
+        }
+    }
+}
+
+/// The rseq path: every class of one CPU, behind one fence per round.
+///
+/// Drains of one CPU take turns, on the slot the fallback path would use
+/// (idle on this path): a task word holds only a count, so a drain that
+/// marked `n` and a second drain that marked `n` again after the owner
+/// popped and pushed would each take the list for its own.
+fn take_task_lists_rseq(table: &Table, cpu: usize, report: &mut TrimReport) -> bool {
+    let head = table.cpu(cpu);
+    // Only drains take it here, each for a bounded time, so waiting for
+    // one is safe (a fork child finds it free: `crate::fallback`).
+    while !head.try_lock() {
+        std::thread::yield_now();
+    }
+    let reached = take_task_lists_fenced(table, cpu, report);
+    head.unlock();
+    reached
+}
+
+/// Takes `cpu`'s slot on the fallback path, waiting a bounded time: a
+/// slot is held for a few instructions, and a holder that stays (preempted,
+/// or gone in a forked child) makes the drain skip the CPU.
+fn lock_for_drain(table: &Table, cpu: usize) -> bool {
+    let head = table.cpu(cpu);
     let mut tries = 0;
-    while !cache.try_lock() {
+    while !head.try_lock() {
         tries += 1;
         if tries > 1000 {
             return false;
         }
         std::thread::yield_now();
     }
-    let mut taken: [Option<Taken>; NUM_CLASSES] = [const { None }; NUM_CLASSES];
-    for (slot, lists) in taken.iter_mut().zip(cache.lists.iter()) {
-        let word = lists.task.load(Ordering::Relaxed);
-        if word != 0 {
-            // SAFETY: we hold the CPU's slot.
-            *slot = Some(unsafe { take_held(lists, word) });
-            lists.task.store(0, Ordering::Relaxed);
-        }
-    }
-    cache.unlock();
-    for (class, t) in taken.into_iter().enumerate() {
-        if let Some(t) = t {
-            free_taken(class, t, report);
-        }
-    }
     true
 }
 
-fn take_task_lists_rseq(table: &Table, cpu: usize, report: &mut TrimReport) -> bool {
-    let cache = table.cpu(cpu);
-    for (class, lists) in cache.lists.iter().enumerate() {
-        let mut attempts = 0;
-        let taken = loop {
-            let word = lists.task.load(Ordering::Relaxed);
-            if word == 0 || word & DRAIN_BIT != 0 {
-                // Empty, or another drain has it.
-                break None;
-            }
-            if lists
-                .task
-                .compare_exchange(word, word | DRAIN_BIT, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-            {
+/// [`take_task_lists_rseq`] with the CPU's drains excluded.
+fn take_task_lists_fenced(table: &Table, cpu: usize, report: &mut TrimReport) -> bool {
+    let mut marked: [Option<TaskWord>; NUM_CLASSES] = [None; NUM_CLASSES];
+    for _round in 0..100 {
+        let mut any = false;
+        for class in table.classes() {
+            let Some(rec) = table.record(cpu, class) else {
+                continue;
+            };
+            let slot = &mut marked[class.index()];
+            let word = rec.task.load();
+            // Empty, or another drain has it.
+            if word == TaskWord::EMPTY || word.is_draining() {
                 continue;
             }
-            if !abort_sections_on(cpu) {
-                // Cannot fence: undo and leave the list.
-                let _ = lists.task.compare_exchange(
-                    word | DRAIN_BIT,
-                    word,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-                return false;
+            if rec.task.compare_exchange(word, word.drained()) {
+                *slot = Some(word);
+                any = true;
             }
-            if lists.task.load(Ordering::Acquire) == word | DRAIN_BIT {
-                // The bit survived the fence: no section can commit on this
-                // list, and none writes its slots, until we release it.
+        }
+        if !any && marked.iter().all(Option::is_none) {
+            return true;
+        }
+        if !abort_sections_on(cpu) {
+            // Cannot fence: undo and leave the lists.
+            for class in table.classes() {
+                if let (Some(word), Some(rec)) = (marked[class.index()], table.record(cpu, class)) {
+                    rec.task.compare_exchange(word.drained(), word);
+                }
+            }
+            return false;
+        }
+        for class in table.classes() {
+            let Some(word) = marked[class.index()].take() else {
+                continue;
+            };
+            let Some(rec) = table.record(cpu, class) else {
+                continue;
+            };
+            if rec.task.load() == word.drained() {
+                // The bit survived the fence: the list is ours.
                 // SAFETY: held by the drain bit.
-                let taken = unsafe { take_held(lists, word) };
-                lists.task.store(0, Ordering::Release);
-                break Some(taken);
+                unsafe { free_task_list(rec, word, class, report) };
+                rec.task.store(TaskWord::EMPTY);
             }
-            // A section committed over the bit before the fence: try again.
-            attempts += 1;
-            if attempts > 100 {
-                break None;
-            }
-        };
-        if let Some(taken) = taken {
-            free_taken(class, taken, report);
+            // Else a section committed over the bit before the fence: the
+            // next round marks the new word.
         }
     }
     true

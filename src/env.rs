@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use crate::config::Config;
 use crate::size_class::MAX_CACHEABLE_SIZE;
-use crate::stats::Stderr;
+use crate::stderr::Stderr;
 
 /// What the environment asks for; `None` where it says nothing (or
 /// something invalid).

@@ -3,12 +3,14 @@
 //! Without the feature everything here is the identity or does nothing,
 //! and compiles away.
 //!
-//! With it, a link (the first word of a cached block: the list word of the
+//! With it, a link (the first word of a linked block: the list word of the
 //! rest of its list) is stored XORed with a per-process secret and the
 //! block's own address, in the spirit of glibc's safe-linking, and checked
-//! on every pop: a link is a list word, so its top bit (the drain bit) is
-//! clear and its head is 8-aligned, and where its list's count is exact
-//! (task and signal lists) the link counts one block fewer than its list.
+//! on every pop: a link is a list word, so its top bit is clear and its
+//! head is 8-aligned, and where its list's count is exact (chains and
+//! signal lists) the link counts one block fewer than its list. A block
+//! held in a slot carries the encoded empty link, checked when the slot
+//! hands it out, so a write after free into it is caught there too.
 //! The secret has those four fixed bits set, so a stored value with any of
 //! them clear, which is what a write after free of a pointer, a small
 //! number, text or zeroes leaves, decodes to an impossible link and is
@@ -28,8 +30,8 @@ mod imp {
 
     use super::{abort_with, corrupted};
 
-    /// Bits every link has clear: the drain bit (only task list words
-    /// carry it, never a link) and the low three (blocks are 8-aligned).
+    /// Bits every link has clear: the top bit (list words keep it free)
+    /// and the low three (blocks are 8-aligned).
     /// The secret has them all set.
     const FIXED: u64 = 0x8000_0000_0000_0007;
 
@@ -93,7 +95,8 @@ mod imp {
     }
 
     /// On a free of `block` (`size` bytes, its class size): aborts if it
-    /// is cached already, else marks it cached.
+    /// is cached already, else marks it cached and gives it the encoded
+    /// empty link that a slot's block carries.
     #[inline(always)]
     pub(crate) fn on_free(block: *mut u8, size: usize) {
         if size < 16 {
@@ -108,7 +111,23 @@ mod imp {
             abort_with("double free of cached block", block, "");
         }
         // SAFETY: as above.
-        unsafe { second.write(key) };
+        unsafe {
+            second.write(key);
+            (block as *mut u64).write(encode(0, block));
+        }
+    }
+
+    /// On an allocation of `block` from a slot: checks the empty link
+    /// [`on_free`] left, then clears the cached mark.
+    #[inline(always)]
+    pub(crate) fn on_slot_alloc(block: *mut u8, size: usize) {
+        if size >= 16 {
+            // SAFETY: a slot's block of `size` bytes, just handed to us.
+            if decode(unsafe { (block as *const u64).read() }, block) != 0 {
+                corrupted(block);
+            }
+        }
+        on_alloc(block, size);
     }
 
     /// On an allocation of `block` (`size` bytes): clears the cached mark,
@@ -142,6 +161,9 @@ mod imp {
     pub(crate) fn on_free(_block: *mut u8, _size: usize) {}
 
     #[inline(always)]
+    pub(crate) fn on_slot_alloc(_block: *mut u8, _size: usize) {}
+
+    #[inline(always)]
     pub(crate) fn on_alloc(_block: *mut u8, _size: usize) {}
 }
 
@@ -153,7 +175,7 @@ pub(crate) use imp::*;
 #[inline(never)]
 pub(crate) fn corrupted(at: *mut u8) -> ! {
     abort_with(
-        "corrupted free-list link in a cached block",
+        "corrupted cached block (free-list link)",
         at,
         "(a write after free?)",
     )
@@ -166,7 +188,7 @@ fn abort_with(what: &str, at: *mut u8, why: &str) -> ! {
     #[cfg(not(loom))]
     {
         use core::fmt::Write;
-        let mut err = crate::stats::Stderr::new();
+        let mut err = crate::stderr::Stderr::new();
         let _ = write!(err, "percpu-alloc: {what}");
         if !at.is_null() {
             let _ = write!(err, " at {at:p}");

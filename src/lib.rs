@@ -32,11 +32,13 @@
 //! [`enter_signal_context`] or are installed with
 //! [`install_signal_handler`]; their frees then never call into jemalloc.
 //!
-//! Layout of the crate: `rules` (the rules engine), `size_class`,
-//! `free_list` (lists in one word), `cpu_cache` (the per-CPU table), `rseq`
-//! and `fallback` (per-CPU exclusion), `context` (task, signal, other),
-//! `backend` (jemalloc), `drain` (trim and teardown), `stats` (counters
-//! and summaries), `env` (configuration from the environment).
+//! Layout of the crate: `rules` (the rules engine), `percpu` (the per-CPU
+//! exclusion it runs on) with its two implementations `rseq` and
+//! `fallback`, `table` (the per-CPU records and their layout), `list`
+//! (lists in one word), `size_class`, `context` (task, signal, other),
+//! `backend` (jemalloc), `drain` (trim and teardown), `counters` (the
+//! `stats` feature's event counts), `stats` (summaries), `env`
+//! (configuration from the environment), `hardened`, `stderr`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -55,15 +57,17 @@ mod config;
 #[cfg(not(loom))]
 mod context;
 #[cfg(not(loom))]
-mod cpu_cache;
+mod counters;
 #[cfg(not(loom))]
 mod drain;
 #[cfg(not(loom))]
 mod env;
 #[cfg(not(loom))]
 mod fallback;
-mod free_list;
 mod hardened;
+mod list;
+#[cfg(not(loom))]
+mod percpu;
 #[cfg(not(loom))]
 mod rseq;
 #[cfg(not(loom))]
@@ -72,6 +76,9 @@ mod rules;
 mod size_class;
 #[cfg(not(loom))]
 mod stats;
+mod stderr;
+#[cfg(not(loom))]
+mod table;
 
 #[cfg(not(loom))]
 pub use allocator::PerCpuAlloc;
@@ -83,9 +90,11 @@ pub use context::{
     SignalHandler,
 };
 #[cfg(not(loom))]
+pub use percpu::Path;
+#[cfg(not(loom))]
 pub use size_class::{CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_CLASSES};
 #[cfg(not(loom))]
-pub use stats::{ClassStats, Counters, CpuStats, ListCounts, Path, Snapshot, Stats, TrimReport};
+pub use stats::{ClassStats, Counters, CpuStats, ListCounts, Snapshot, Stats, TrimReport};
 
 /// The global allocator installed by the `global` feature: a default
 /// [`PerCpuAlloc`]. Use it to read stats or trim:

@@ -7,36 +7,11 @@
 use core::fmt::{self, Write as _};
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::cpu_cache::Table;
-use crate::free_list::task_len;
-use crate::size_class::{class_size, Class, NUM_CLASSES};
-
-/// How the allocator keeps each CPU's task lists to itself.
-///
-/// ```
-/// use percpu_alloc::{Config, Path, PerCpuAlloc};
-///
-/// let forced = PerCpuAlloc::with_config(Config::new().force_fallback(true));
-/// assert_eq!(forced.path(), Path::Fallback);
-/// assert_eq!(forced.path().to_string(), "fallback");
-/// ```
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Path {
-    /// Restartable sequences: no locks, no atomics on the task lists.
-    Rseq,
-    /// A try-lock per CPU, CPU from `sched_getcpu()`.
-    Fallback,
-}
-
-impl core::fmt::Display for Path {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(match self {
-            Path::Rseq => "rseq",
-            Path::Fallback => "fallback",
-        })
-    }
-}
+use crate::counters::{read, Event, COUNTING};
+use crate::percpu::Path;
+use crate::size_class::{Class, NUM_CLASSES};
+use crate::stderr::{Buf, Stderr};
+use crate::table::{Record, Table};
 
 /// The lengths of one CPU's lists for one class.
 ///
@@ -84,14 +59,16 @@ impl ListCounts {
 }
 
 pub(crate) fn counts(table: &Table, cpu: usize, class: Class) -> ListCounts {
-    let lists = &table.cpu(cpu).lists[class];
+    let (nr, nr_sig) = table
+        .record(cpu, class)
+        .map_or((0, 0), |rec| (rec.task.load().len(), rec.sig.len()));
     ListCounts {
         cpu,
-        class,
-        class_size: class_size(class),
-        nr: task_len(lists.task.load(Ordering::Relaxed)),
-        nr_sig: lists.sig.len(),
-        cap: table.header().caps[class] as u32,
+        class: class.index(),
+        class_size: class.size(),
+        nr,
+        nr_sig,
+        cap: table.cap(class),
     }
 }
 
@@ -136,8 +113,7 @@ impl Iterator for Snapshot<'_> {
     fn next(&mut self) -> Option<ListCounts> {
         let table = self.table?;
         while self.cpu < table.header().ncpu as usize {
-            while self.class < NUM_CLASSES {
-                let class = self.class;
+            while let Some(class) = Class::from_index(self.class) {
                 self.class += 1;
                 let c = counts(table, self.cpu, class);
                 if c.nr + c.nr_sig > 0 {
@@ -175,47 +151,6 @@ pub struct TrimReport {
     pub deferred_blocks: usize,
     /// CPUs whose task lists could not be reached (see `trim`).
     pub cpus_skipped: usize,
-}
-
-/// What the caches count, one counter each per CPU and class.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(usize)]
-pub(crate) enum Event {
-    Hit,
-    Splice,
-    Miss,
-    FreeTask,
-    FreeSignal,
-    FreeOther,
-    Overflow,
-    Deferred,
-}
-
-/// How many kinds of [`Event`] there are.
-pub(crate) const EVENTS: usize = 8;
-
-/// Whether this build counts events (the `stats` feature).
-pub(crate) const COUNTING: bool = cfg!(feature = "stats");
-
-/// Counts `event` for `class` on `cpu` (`None`: no usable CPU). Compiles to
-/// nothing without the `stats` feature.
-///
-/// A relaxed `fetch_add`: the line is the CPU's own, so it is uncontended
-/// but for a thread that migrated between reading its CPU and counting,
-/// and a count is never lost.
-#[inline(always)]
-pub(crate) fn count(table: &Table, cpu: Option<usize>, class: Class, event: Event) {
-    if !COUNTING {
-        return;
-    }
-    let counter = match cpu {
-        Some(cpu) => match table.cpu(cpu).counters.get(class) {
-            Some(c) => &c.0[event as usize],
-            None => return,
-        },
-        None => &table.header().no_cpu,
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Event counts of the cache (one CPU and class, or summed). All zero in a
@@ -265,8 +200,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn read(counters: &crate::cpu_cache::ClassCounters) -> Counters {
-        let get = |e: Event| counters.0[e as usize].load(Ordering::Relaxed);
+    fn read(rec: &Record) -> Counters {
+        let get = |e: Event| read(rec, e);
         Counters {
             hits: get(Event::Hit),
             splices: get(Event::Splice),
@@ -336,9 +271,7 @@ impl core::ops::AddAssign for Counters {
 
 pub(crate) fn counters(table: &Table, cpu: usize, class: Class) -> Counters {
     table
-        .cpu(cpu)
-        .counters
-        .get(class)
+        .record(cpu, class)
         .map_or_else(Counters::default, Counters::read)
 }
 
@@ -496,23 +429,23 @@ impl Stats {
         stats.max_cached_size = header.max_size;
         stats.cpu_bound_bytes = header.config.cpu_bound_bytes();
         stats.no_cpu = header.no_cpu.load(Ordering::Relaxed);
-        for (class, c) in stats.classes.iter_mut().enumerate() {
-            c.class_size = class_size(class);
-            c.cap = header.cap(class);
+        for (class, c) in Class::all().zip(stats.classes.iter_mut()) {
+            c.class_size = class.size();
+            c.cap = table.cap(class);
         }
         for cpu in table.cpus() {
             let mut this = CpuStats {
                 cpu,
                 ..CpuStats::default()
             };
-            for class in 0..NUM_CLASSES {
+            for class in table.classes() {
                 let lists = counts(table, cpu, class);
                 let blocks = (lists.nr + lists.nr_sig) as u64;
                 let events = counters(table, cpu, class);
                 this.counters += events;
                 this.cached_bytes += lists.bytes() as u64;
-                stats.classes[class].counters += events;
-                stats.classes[class].cached_blocks += blocks;
+                stats.classes[class.index()].counters += events;
+                stats.classes[class.index()].cached_blocks += blocks;
                 stats.cached_blocks += blocks;
             }
             stats.deferred_blocks += table.cpu(cpu).deferred.len() as u64;
@@ -669,100 +602,6 @@ impl fmt::Display for Share {
             n => write!(buf, "{:.1}%", self.0 as f64 * 100.0 / n as f64),
         };
         f.pad(buf.as_str())
-    }
-}
-
-/// Text formatted into a fixed buffer, for code that must not allocate;
-/// what does not fit is cut.
-pub(crate) struct Buf<const N: usize> {
-    bytes: [u8; N],
-    len: usize,
-}
-
-impl<const N: usize> Buf<N> {
-    pub(crate) const fn new() -> Self {
-        Buf {
-            bytes: [0; N],
-            len: 0,
-        }
-    }
-
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
-    fn as_str(&self) -> &str {
-        // Only whole characters are copied in (see `push`).
-        core::str::from_utf8(self.as_bytes()).unwrap_or("")
-    }
-
-    fn clear(&mut self) {
-        self.len = 0;
-    }
-}
-
-impl<const N: usize> Buf<N> {
-    /// Copies as much of `s` as fits, cut at a character boundary so the
-    /// buffer stays UTF-8; returns the bytes taken.
-    fn push(&mut self, s: &str) -> usize {
-        let mut take = s.len().min(N - self.len);
-        while !s.is_char_boundary(take) {
-            take -= 1;
-        }
-        self.bytes[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
-        self.len += take;
-        take
-    }
-}
-
-impl<const N: usize> fmt::Write for Buf<N> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        if self.push(s) == s.len() {
-            Ok(())
-        } else {
-            Err(fmt::Error)
-        }
-    }
-}
-
-/// Standard error through `write(2)` and a stack buffer: no allocation,
-/// no lock, usable at exit and from inside the allocator.
-pub(crate) struct Stderr(Buf<512>);
-
-impl Stderr {
-    pub(crate) const fn new() -> Self {
-        Stderr(Buf::new())
-    }
-
-    fn flush(&mut self) {
-        let mut bytes = self.0.as_bytes();
-        while !bytes.is_empty() {
-            // SAFETY: writes from a live buffer of that length.
-            let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
-            if n <= 0 {
-                break;
-            }
-            bytes = &bytes[n as usize..];
-        }
-        self.0.clear();
-    }
-}
-
-impl fmt::Write for Stderr {
-    fn write_str(&mut self, mut s: &str) -> fmt::Result {
-        loop {
-            s = &s[self.0.push(s)..];
-            if s.is_empty() {
-                return Ok(());
-            }
-            self.flush();
-        }
-    }
-}
-
-impl Drop for Stderr {
-    fn drop(&mut self) {
-        self.flush();
     }
 }
 

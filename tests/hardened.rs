@@ -1,7 +1,8 @@
-//! The `hardened` feature: a write after free into a cached block's link,
-//! and a double free, abort the process with a message instead of handing
-//! out a wild pointer. Each case runs in a child (this test binary again),
-//! whose death the parent checks.
+//! The `hardened` feature: a write after free into a cached block (held in
+//! a slot, or linked on a signal list or a chain), and a double free, abort
+//! the process with a message instead of handing out a wild pointer. Each
+//! case runs in a child (this test binary again), whose death the parent
+//! checks.
 //!
 //! `cargo test --release --features hardened --test hardened`
 
@@ -10,7 +11,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::process::Command;
 
-use percpu_alloc::{Config, Path, PerCpuAlloc};
+use percpu_alloc::{enter_signal_context, Config, Path, PerCpuAlloc};
 
 const CHILD: &str = "PERCPU_HARDENED_TEST_CHILD";
 
@@ -50,10 +51,12 @@ fn instance(fallback: bool) -> PerCpuAlloc {
     PerCpuAlloc::with_config(Config::new().force_fallback(fallback).read_env(false))
 }
 
-/// Frees 40 blocks of 64 bytes (past the rseq path's 30 front slots, so
-/// the last ones are linked), lets `corrupt` write into the last one,
-/// then allocates them all back.
-fn free_corrupt_realloc(fallback: bool, corrupt: impl Fn(*mut u8)) {
+/// Frees 40 blocks of 64 bytes (in signal context if `linked`, so they are
+/// linked on the signal list, which the first alloc below splices; else
+/// into the task list's slots), lets `corrupt` write into one (the last
+/// one freed, handed out first; if linked, the one after it, which the
+/// chain's first pop reads), then allocates them all back.
+fn free_corrupt_realloc(fallback: bool, linked: bool, corrupt: impl Fn(*mut u8)) {
     let a = instance(fallback);
     if !fallback && a.path() != Path::Rseq {
         eprintln!("no rseq here: nothing to check");
@@ -66,12 +69,14 @@ fn free_corrupt_realloc(fallback: bool, corrupt: impl Fn(*mut u8)) {
     let layout = Layout::from_size_align(64, 8).unwrap();
     // SAFETY: a valid layout; every block is freed with it.
     let blocks: Vec<*mut u8> = (0..40).map(|_| unsafe { a.alloc(layout) }).collect();
+    let signal = linked.then(enter_signal_context);
     for &p in &blocks {
         // SAFETY: from `a` with `layout`.
         unsafe { a.dealloc(p, layout) };
     }
-    // The write after free: the last block freed heads the linked part.
-    corrupt(blocks[39]);
+    drop(signal);
+    // The write after free.
+    corrupt(blocks[if linked { 38 } else { 39 }]);
     // SAFETY: as above; all are freed again below.
     let again: Vec<*mut u8> = (0..40).map(|_| unsafe { a.alloc(layout) }).collect();
     for p in again {
@@ -99,32 +104,38 @@ fn text_over_block(p: *mut u8) {
 }
 
 macro_rules! child_case {
-    ($name:ident, $fallback:expr, $corrupt:expr) => {
+    ($name:ident, $fallback:expr, $linked:expr, $corrupt:expr) => {
         #[test]
         fn $name() {
             if in_child() {
-                free_corrupt_realloc($fallback, $corrupt);
+                free_corrupt_realloc($fallback, $linked, $corrupt);
                 return;
             }
-            expect_abort(stringify!($name), "corrupted free-list link");
+            expect_abort(stringify!($name), "corrupted cached block");
         }
     };
 }
 
-child_case!(zeroed_link_rseq, false, zero_link);
-child_case!(zeroed_link_fallback, true, zero_link);
-child_case!(forged_pointer_rseq, false, pointer_in_link);
-child_case!(forged_pointer_fallback, true, pointer_in_link);
-child_case!(text_over_block_rseq, false, text_over_block);
-child_case!(text_over_block_fallback, true, text_over_block);
+child_case!(zeroed_link_rseq, false, false, zero_link);
+child_case!(zeroed_link_fallback, true, false, zero_link);
+child_case!(forged_pointer_rseq, false, false, pointer_in_link);
+child_case!(forged_pointer_fallback, true, false, pointer_in_link);
+child_case!(text_over_block_rseq, false, false, text_over_block);
+child_case!(text_over_block_fallback, true, false, text_over_block);
+child_case!(zeroed_link_spliced_rseq, false, true, zero_link);
+child_case!(zeroed_link_spliced_fallback, true, true, zero_link);
+child_case!(forged_pointer_spliced_rseq, false, true, pointer_in_link);
+child_case!(forged_pointer_spliced_fallback, true, true, pointer_in_link);
 
 #[test]
 fn untouched_blocks_pass() {
     // The control: the same run without the write completes, so the cases
     // above die of the write, not of the harness.
     if in_child() {
-        free_corrupt_realloc(false, |_| {});
-        free_corrupt_realloc(true, |_| {});
+        for linked in [false, true] {
+            free_corrupt_realloc(false, linked, |_| {});
+            free_corrupt_realloc(true, linked, |_| {});
+        }
         return;
     }
     let (ok, stderr) = child("untouched_blocks_pass");

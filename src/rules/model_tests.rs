@@ -1,28 +1,38 @@
-//! The rules engine against a model of `DESIGN.md` section 1, on random
-//! operation sequences and random small configurations.
+//! The rules engine against a model of its rules (`docs/design.md`), on
+//! random operation sequences and random small configurations, through
+//! both per-CPU paths: the real `rules::alloc` and `rules::free`, the real
+//! sections and try-locks, the real jemalloc behind them.
 //!
 //! The model is deliberately naive: each list is a `Vec` used as a stack
-//! (top at the end), the deferred list a `Vec` in push order, jemalloc a
-//! `Vec` of free blocks. It shares no code with the engine, so a wrong
-//! count, a wrong comparison at a boundary or a block linked to the wrong
-//! list shows up as a difference. Every step compares the outcome, the
-//! exact block handed out (the model knows which one LIFO order gives), and
-//! the full content and counts of every list; each case ends by checking
-//! that every block is in exactly one place.
+//! (top at the end), the deferred list a `Vec` in push order. It shares no
+//! code with the engine, so a wrong count, a wrong comparison at a boundary
+//! or a block linked to the wrong list shows up as a difference. Every step
+//! compares the block handed out (the model knows which one LIFO order
+//! gives, or that it must be a fresh one), and the full content of every
+//! list; each case ends by checking that no block is in two places.
+//!
+//! Operations name their CPU: the rseq path runs its sections on an rseq
+//! area of the test's own ([`crate::rseq::fake`]) whose CPU number the
+//! test sets, the fallback path takes its CPU from a test override
+//! ([`crate::fallback::test_cpu`]).
 
 use super::*;
 use crate::config::Config;
-use crate::free_list::{count, read_link};
-use crate::Path;
+use crate::context::enter_signal_context;
+use crate::fallback::{test_cpu, Locked};
+use crate::list::{read_link, ListWord};
+use crate::percpu::Path;
+use crate::rseq::{fake, Rseq};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestError, TestRunner};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 
-/// At most this many CPUs and classes are used, so that lists get long
-/// enough to reach the thresholds and caps.
-const MAX_CPUS: usize = 3;
+/// At most this many CPUs (the machine has at least two, which a drain's
+/// fence needs) and classes, so that lists get long enough to reach the
+/// thresholds and caps.
+const MAX_CPUS: usize = 2;
 const MAX_CLASSES: usize = 3;
 /// The model's class 0 is the engine's class 1 (16 bytes), and so on: the
 /// 8-byte class caches nothing with the `hardened` feature.
@@ -36,65 +46,55 @@ struct Setup {
     classes: usize,
 }
 
+/// Where an operation runs: a CPU, or none (a thread with no usable CPU).
+type Cpu = Option<usize>;
+
 #[derive(Clone, Copy, Debug)]
 enum Op {
     Alloc {
-        cpu: usize,
-        class: Class,
+        cpu: Cpu,
+        class: usize,
+        signal: bool,
     },
     /// Frees one of the blocks the test holds, in its own class.
-    Free {
-        pick: Index,
-        cpu: usize,
-        ctx: Context,
-    },
-    /// An alloc while someone else holds the CPU's slot.
-    BusyAlloc {
-        cpu: usize,
-        class: Class,
-    },
-    /// A free while someone else holds the CPU's slot.
-    BusyFree {
-        pick: Index,
-        cpu: usize,
-        ctx: Context,
-    },
-    TakeDeferred {
-        cpu: usize,
-    },
+    Free { pick: Index, cpu: Cpu, signal: bool },
+    /// An alloc while someone else holds the CPU's slot (fallback only).
+    BusyAlloc { cpu: usize, class: usize },
+    /// A free while someone else holds the CPU's slot (fallback only).
+    BusyFree { pick: Index, cpu: usize },
+    /// A trim of one CPU.
+    Trim { cpu: usize },
 }
 
-/// An outcome with the block it names, comparable across engine and model.
+/// What a step did, comparable across engine and model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
-    Hit(usize),
-    Spliced(usize),
-    Miss,
-    Busy,
-    Free(Free),
+    /// An alloc got this block from the cache.
+    Cached(usize),
+    /// An alloc got a block from jemalloc.
+    Fresh,
+    /// A free (its block's place is in the lists compared after it).
+    Freed,
+    Trimmed,
 }
 
-fn context() -> impl Strategy<Value = Context> {
-    prop_oneof![
-        3 => Just(Context::Task),
-        3 => Just(Context::Signal),
-        1 => Just(Context::Other),
-    ]
+fn cpu() -> impl Strategy<Value = Cpu> {
+    prop_oneof![12 => (0..MAX_CPUS).prop_map(Some), 1 => Just(None)]
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn op(fallback: bool) -> impl Strategy<Value = Op> {
     // CPU and class numbers are reduced modulo the case's counts when run,
     // so the same sequence shrinks independently of the setup.
-    let cpu = 0..MAX_CPUS;
     let class = 0..MAX_CLASSES;
+    let busy = if fallback { 1 } else { 0 };
     prop_oneof![
-        5 => (cpu.clone(), class.clone()).prop_map(|(cpu, class)| Op::Alloc { cpu, class }),
-        7 => (any::<Index>(), cpu.clone(), context())
-            .prop_map(|(pick, cpu, ctx)| Op::Free { pick, cpu, ctx }),
-        1 => (cpu.clone(), class).prop_map(|(cpu, class)| Op::BusyAlloc { cpu, class }),
-        2 => (any::<Index>(), cpu.clone(), context())
-            .prop_map(|(pick, cpu, ctx)| Op::BusyFree { pick, cpu, ctx }),
-        1 => cpu.prop_map(|cpu| Op::TakeDeferred { cpu }),
+        6 => (cpu(), class.clone(), prop::bool::weighted(0.1))
+            .prop_map(|(cpu, class, signal)| Op::Alloc { cpu, class, signal }),
+        8 => (any::<Index>(), cpu(), prop::bool::weighted(0.45))
+            .prop_map(|(pick, cpu, signal)| Op::Free { pick, cpu, signal }),
+        busy => (0..MAX_CPUS, class).prop_map(|(cpu, class)| Op::BusyAlloc { cpu, class }),
+        2 * busy => (any::<Index>(), 0..MAX_CPUS).prop_map(|(pick, cpu)| Op::BusyFree { pick, cpu }),
+        1 => (0..MAX_CPUS).prop_map(|cpu| Op::Trim { cpu }),
     ]
 }
 
@@ -109,106 +109,141 @@ fn setup() -> impl Strategy<Value = Setup> {
     )
 }
 
-/// Section 1 of `DESIGN.md`, literally.
+/// One CPU's lists of one class in the model.
+#[derive(Clone, Default)]
+struct Lists {
+    /// Bottom first.
+    task: Vec<usize>,
+    /// Whether the task list is a chain (spliced, linked), which a push
+    /// extends too until it empties; else its blocks are in slots.
+    chain: bool,
+    sig: Vec<usize>,
+}
+
+/// The rules, literally.
 struct Model {
     cap: usize,
     threshold: usize,
-    /// `[cpu][class]`, top of the stack at the end.
-    task: Vec<Vec<Vec<usize>>>,
-    sig: Vec<Vec<Vec<usize>>>,
-    /// `[cpu]`, in push order.
+    /// `[cpu][class]`.
+    lists: Vec<Vec<Lists>>,
+    /// `[cpu]`, bottom first.
     deferred: Vec<Vec<usize>>,
+    /// Every block the engine handed back to jemalloc is forgotten; the
+    /// model needs no jemalloc.
+    busy_slots: bool,
 }
 
 impl Model {
     fn new(s: &Setup) -> Model {
-        let lists = vec![vec![Vec::new(); s.classes]; s.cpus];
         Model {
             cap: s.cap as usize,
             threshold: s.threshold as usize,
-            task: lists.clone(),
-            sig: lists,
+            lists: vec![vec![Lists::default(); s.classes]; s.cpus],
             deferred: vec![Vec::new(); s.cpus],
+            busy_slots: false,
         }
     }
 
-    fn alloc(&mut self, cpu: usize, class: Class, busy: bool) -> Outcome {
-        if busy {
-            return Outcome::Busy;
+    /// alloc: the block the cache hands out, or `None` for a miss.
+    fn alloc(&mut self, cpu: Cpu, class: usize, signal: bool) -> Option<usize> {
+        let cpu = cpu?;
+        let busy = self.busy_slots;
+        let l = &mut self.lists[cpu][class];
+        // 2. A block in the task list: a hit (a busy slot is a miss).
+        if !busy && !l.task.is_empty() {
+            let b = l.task.pop();
+            l.chain &= !l.task.is_empty();
+            return b;
         }
-        let (task, sig) = (&mut self.task[cpu][class], &mut self.sig[cpu][class]);
-        let spliced = task.is_empty() && sig.len() >= self.threshold;
-        if spliced {
-            *task = std::mem::take(sig);
-        }
-        match (task.pop(), spliced) {
-            (None, _) => Outcome::Miss,
-            (Some(b), false) => Outcome::Hit(b),
-            (Some(b), true) => Outcome::Spliced(b),
-        }
-    }
-
-    fn free(&mut self, cpu: usize, class: Class, b: usize, ctx: Context, busy: bool) -> Free {
-        let held = self.task[cpu][class].len() + self.sig[cpu][class].len();
-        let full = held >= self.cap;
-        match ctx {
-            Context::Other => Free::Other,
-            Context::Task if !busy => {
-                if full {
-                    Free::Overflow
+        // 1. The task list empty and nr_sig >= threshold: splice.
+        if l.task.is_empty() && l.sig.len() >= self.threshold {
+            let mut rest = std::mem::take(&mut l.sig);
+            let b = rest.pop();
+            if !rest.is_empty() {
+                if busy {
+                    // The install needs the slot: the rest is deferred.
+                    self.deferred[cpu].extend(rest);
                 } else {
-                    self.task[cpu][class].push(b);
-                    Free::Task
+                    l.task = rest;
+                    l.chain = true;
                 }
             }
-            // Signal context, or a task-context free that found the slot
-            // busy: the signal list, or the deferred list past the cap.
-            _ => {
-                if full {
-                    self.deferred[cpu].push(b);
-                    Free::Deferred
-                } else {
-                    self.sig[cpu][class].push(b);
-                    Free::Signal
-                }
-            }
+            return b;
         }
+        // 3. A miss; task context first hands back the deferred blocks.
+        if !signal {
+            self.deferred[cpu].clear();
+        }
+        None
     }
 
-    fn take_deferred(&mut self, cpu: usize) -> Option<Vec<usize>> {
-        let mut taken = std::mem::take(&mut self.deferred[cpu]);
-        if taken.is_empty() {
-            return None;
+    /// free: updates the lists; the engine's lists are compared after.
+    fn free(&mut self, cpu: Cpu, class: usize, b: usize, signal: bool) {
+        let busy = self.busy_slots;
+        if signal || busy {
+            // Rule 3 (and a busy slot, the analog of interrupt context):
+            // the signal list, or past the cap the deferred list. With no
+            // CPU, CPU 0's.
+            let cpu = cpu.unwrap_or(0);
+            let l = &mut self.lists[cpu][class];
+            if l.task.len() + l.sig.len() >= self.cap {
+                self.deferred[cpu].push(b);
+            } else {
+                l.sig.push(b);
+            }
+            return;
         }
-        // A stack: the last one pushed comes first.
-        taken.reverse();
-        Some(taken)
+        // Rule 4: no CPU, to jemalloc.
+        let Some(cpu) = cpu else {
+            return;
+        };
+        let l = &mut self.lists[cpu][class];
+        // Rule 1: the cap counts both lists; an overflow hands back the
+        // deferred blocks before it goes to jemalloc.
+        if l.task.len() + l.sig.len() >= self.cap {
+            self.deferred[cpu].clear();
+            return;
+        }
+        // Rule 2.
+        l.task.push(b);
+    }
+
+    fn lists_hold(&self, b: usize) -> bool {
+        self.lists
+            .iter()
+            .flatten()
+            .any(|l| l.task.contains(&b) || l.sig.contains(&b))
+            || self.deferred.iter().flatten().any(|&d| d == b)
+    }
+
+    fn trim(&mut self, cpu: usize) {
+        for l in &mut self.lists[cpu] {
+            *l = Lists::default();
+        }
+        self.deferred[cpu].clear();
     }
 }
 
-/// The engine's side: a fallback-path table, and blocks that the test
-/// holds or that "jemalloc" has.
+/// The engine's side: a table on path `P`, and the blocks the test holds.
 struct Engine {
     table: *mut Table,
-    // Boxed so blocks keep their addresses while the Vec grows.
-    #[allow(clippy::vec_box)]
-    pool: Vec<Box<[u64; 4]>>,
+    path: Path,
     /// Blocks the test holds, with their class.
-    held: Vec<(usize, Class)>,
-    /// Blocks given back to jemalloc; a miss reuses the latest, as
-    /// jemalloc's own LIFO caches would, so addresses recur.
-    jemalloc: Vec<usize>,
+    held: Vec<(usize, usize)>,
 }
 
 impl Engine {
-    fn new(config: &Config) -> Engine {
-        let table = Table::create(config, Path::Fallback, 0);
+    fn new(config: &Config, path: Path, cpus: usize) -> Engine {
+        let offset = match path {
+            Path::Rseq => fake::offset(),
+            Path::Fallback => 0,
+        };
+        let table = Table::create(config, path, offset, cpus);
         assert!(!table.is_null());
         Engine {
             table,
-            pool: Vec::new(),
+            path,
             held: Vec::new(),
-            jemalloc: Vec::new(),
         }
     }
 
@@ -217,140 +252,134 @@ impl Engine {
         unsafe { &*self.table }
     }
 
-    fn jemalloc_alloc(&mut self) -> usize {
-        self.jemalloc.pop().unwrap_or_else(|| {
-            self.pool.push(Box::new([0; 4]));
-            self.pool.last_mut().unwrap().as_mut_ptr() as usize
-        })
+    fn on(&self, cpu: Cpu) {
+        match self.path {
+            Path::Rseq => fake::set_cpu(cpu),
+            Path::Fallback => test_cpu::set(Some(cpu.unwrap_or(usize::MAX))),
+        }
     }
 
-    fn alloc(&mut self, cpu: usize, class: Class, busy: bool) -> Outcome {
-        let cache = self.table().cpu(cpu);
-        if busy {
-            assert!(cache.try_lock(), "the slot is free between steps");
-        }
-        let a = alloc_locked(self.table(), cpu, class + FIRST_CLASS);
-        if busy {
-            cache.unlock();
-        }
-        let (outcome, block) = match a {
-            Alloc::Hit(p) => (Outcome::Hit(p as usize), p as usize),
-            Alloc::Spliced(p) => (Outcome::Spliced(p as usize), p as usize),
-            Alloc::Miss => (Outcome::Miss, self.jemalloc_alloc()),
-            Alloc::Busy => (Outcome::Busy, self.jemalloc_alloc()),
-        };
-        self.held.push((block, class));
-        outcome
+    fn class(&self, class: usize) -> Class {
+        Class::from_index(class + FIRST_CLASS).unwrap()
     }
 
-    fn free(&mut self, b: usize, class: Class, cpu: usize, ctx: Context, busy: bool) -> Free {
-        let cache = self.table().cpu(cpu);
-        if busy {
-            assert!(cache.try_lock(), "the slot is free between steps");
-        }
-        // SAFETY: the test held `b`, a 32-byte 8-aligned block of its own,
-        // and has just let go of it; the class only selects the lists.
-        let f = unsafe { free_locked(self.table(), cpu, class + FIRST_CLASS, b as *mut u8, ctx) };
-        if busy {
-            cache.unlock();
-        }
-        if matches!(f, Free::Overflow | Free::Other) {
-            self.jemalloc.push(b);
-        }
-        f
+    fn alloc(&mut self, cpu: Cpu, class: usize, signal: bool) -> usize {
+        self.on(cpu);
+        let _signal = signal.then(enter_signal_context);
+        let t = self.table();
+        let site = t.site_of(self.class(class));
+        let b = match self.path {
+            Path::Rseq => alloc::<Rseq>(t, site, 0),
+            Path::Fallback => alloc::<Locked>(t, site, 0),
+        } as usize;
+        assert_ne!(b, 0, "jemalloc is out of memory");
+        self.held.push((b, class));
+        b
     }
 
-    fn take_deferred(&mut self, cpu: usize) -> Option<Vec<usize>> {
-        let taken: Vec<usize> = take_deferred(self.table(), cpu)?
-            .map(|p| p as usize)
-            .collect();
-        self.jemalloc.extend(&taken);
-        Some(taken)
+    fn free(&mut self, b: usize, class: usize, cpu: Cpu, signal: bool) {
+        self.on(cpu);
+        let _signal = signal.then(enter_signal_context);
+        let t = self.table();
+        let site = t.site_of(self.class(class));
+        // SAFETY: the test held `b`, a block of this class from this
+        // table's engine, and lets go of it now.
+        unsafe {
+            match self.path {
+                Path::Rseq => free::<Rseq>(t, site, b as *mut u8),
+                Path::Fallback => free::<Locked>(t, site, b as *mut u8),
+            }
+        }
+    }
+
+    fn trim(&self, cpu: usize) {
+        let mut report = crate::stats::TrimReport::default();
+        crate::drain::trim_cpu(self.table(), cpu, &mut report);
+        assert_eq!(report.cpus_skipped, 0, "a quiet trim reaches its CPU");
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        test_cpu::set(None);
+        fake::set_cpu(None);
+        for &(b, class) in &self.held {
+            // SAFETY: the test's own blocks, from jemalloc, of this class.
+            unsafe { crate::backend::free_class(b as *mut u8, self.class(class)) };
+        }
         // SAFETY: nothing else uses the table.
-        unsafe { Table::destroy(self.table) };
+        unsafe {
+            crate::drain::teardown(self.table());
+            Table::destroy(self.table);
+        }
     }
 }
 
-/// The blocks of a list word, head first, checking that every link carries
-/// the length of the list it starts.
-fn walk(word: u64) -> Result<Vec<usize>, TestCaseError> {
+/// The blocks of a list, head (top) first, checking that every link
+/// carries the length of the list it starts.
+fn walk(list: ListWord) -> Result<Vec<usize>, TestCaseError> {
     let mut blocks = Vec::new();
-    let mut counts = Vec::new();
-    let mut w = word;
-    while !head(w).is_null() {
+    let mut w = list;
+    while !w.head().is_null() {
         prop_assert!(blocks.len() < 10_000, "a list loops");
-        blocks.push(head(w) as usize);
-        counts.push(count(w));
-        // SAFETY: between steps nothing else touches the lists, and the
-        // blocks stay allocated in the engine's pool.
-        w = unsafe { read_link(head(w)) };
+        blocks.push((w.head() as usize, w.len()));
+        // SAFETY: between steps nothing else touches the lists, and their
+        // blocks are live jemalloc blocks.
+        w = unsafe { read_link(w.head()) };
     }
-    prop_assert_eq!(w, 0, "a list ends in an empty word");
-    let n = blocks.len() as u32;
-    let expected: Vec<u32> = (1..=n).rev().collect();
-    prop_assert_eq!(counts, expected, "the lengths carried by the links");
+    Ok(blocks.into_iter().map(|(b, _)| b).collect())
+}
+
+fn walk_exact(list: ListWord) -> Result<Vec<usize>, TestCaseError> {
+    let blocks = walk(list)?;
+    let mut w = list;
+    for n in (1..=blocks.len() as u32).rev() {
+        prop_assert_eq!(w.len(), n, "the lengths carried by the links");
+        // SAFETY: as in `walk`.
+        w = unsafe { read_link(w.head()) };
+    }
     Ok(blocks)
 }
 
-/// A model stack, head first, as the engine's list word links it.
-fn top_first(stack: &[usize]) -> Vec<usize> {
-    stack.iter().rev().copied().collect()
+/// The engine's task list of a record, bottom first, and whether it is a
+/// chain.
+fn task_list(rec: &Record) -> Result<(Vec<usize>, bool), TestCaseError> {
+    let word = rec.task.load();
+    prop_assert!(!word.is_draining(), "a drain left its bit");
+    if let Some(chain) = word.in_chain() {
+        let mut top_first = walk_exact(chain)?;
+        top_first.reverse();
+        return Ok((top_first, true));
+    }
+    let n = word.in_slots().unwrap_or(0);
+    // SAFETY: slots below the length exist.
+    let slots = (0..n).map(|i| unsafe { rec.slot(i) }.load(Ordering::Relaxed) as usize);
+    Ok((slots.collect(), false))
 }
 
 fn compare_lists(engine: &Engine, model: &Model) -> Result<(), TestCaseError> {
+    let t = engine.table();
     for (cpu, deferred) in model.deferred.iter().enumerate() {
-        let cache = engine.table().cpu(cpu);
-        for (class, lists) in cache.lists.iter().enumerate() {
-            let task = lists.task.load(Ordering::Relaxed);
-            let modelled = class.checked_sub(FIRST_CLASS);
-            let (want_task, want_sig) = match modelled.and_then(|c| model.task[cpu].get(c)) {
-                Some(task) => (
-                    top_first(task),
-                    top_first(&model.sig[cpu][class - FIRST_CLASS]),
-                ),
-                None => (Vec::new(), Vec::new()),
-            };
-            // nr and nr_sig first: they are what the rules read.
+        for (class, want) in model.lists[cpu].iter().enumerate() {
+            let rec = t.record(cpu, engine.class(class)).unwrap();
+            let (task, chain) = task_list(rec)?;
+            prop_assert_eq!(&task, &want.task, "task list, cpu {} class {}", cpu, class);
             prop_assert_eq!(
-                task_len(task) as usize,
-                want_task.len(),
-                "nr, cpu {} class {}",
+                chain,
+                want.chain && !want.task.is_empty(),
+                "chain, cpu {} class {}",
                 cpu,
                 class
             );
-            prop_assert_eq!(
-                lists.sig.len() as usize,
-                want_sig.len(),
-                "nr_sig, cpu {} class {}",
-                cpu,
-                class
-            );
-            prop_assert_eq!(
-                walk(task)?,
-                want_task,
-                "task list, cpu {} class {}",
-                cpu,
-                class
-            );
-            prop_assert_eq!(
-                walk(lists.sig.word())?,
-                want_sig,
-                "signal list, cpu {} class {}",
-                cpu,
-                class
-            );
+            prop_assert_eq!(rec.task.load().len() as usize, want.task.len(), "nr");
+            let mut sig = walk_exact(rec.sig.word())?;
+            sig.reverse();
+            prop_assert_eq!(&sig, &want.sig, "signal list, cpu {} class {}", cpu, class);
+            prop_assert_eq!(rec.sig.len() as usize, want.sig.len(), "nr_sig");
         }
-        prop_assert_eq!(
-            walk(cache.deferred.word())?,
-            top_first(deferred),
-            "deferred, cpu {}",
-            cpu
-        );
+        let mut got = walk(t.cpu(cpu).deferred.word())?;
+        got.reverse();
+        prop_assert_eq!(&got, deferred, "deferred, cpu {}", cpu);
     }
     Ok(())
 }
@@ -359,110 +388,147 @@ fn compare_lists(engine: &Engine, model: &Model) -> Result<(), TestCaseError> {
 /// reached every rule (a generator that never splices would prove little).
 type Seen = BTreeMap<&'static str, usize>;
 
-fn name(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::Hit(_) => "hit",
-        Outcome::Spliced(_) => "spliced",
-        Outcome::Miss => "miss",
-        Outcome::Busy => "busy",
-        Outcome::Free(Free::Task) => "free task",
-        Outcome::Free(Free::Signal) => "free signal",
-        Outcome::Free(Free::Deferred) => "free deferred",
-        Outcome::Free(Free::Overflow) => "free overflow",
-        Outcome::Free(Free::Other) => "free other",
-    }
-}
-
-fn run_case(s: Setup, ops: &[Op], seen: &mut Seen) -> Result<(), TestCaseError> {
+fn run_case(path: Path, s: Setup, ops: &[Op], seen: &mut Seen) -> Result<(), TestCaseError> {
     let config = Config::new()
         .cap(s.cap)
         .splice_threshold(s.threshold)
         .read_env(false);
-    let mut engine = Engine::new(&config);
-    let cpus = s.cpus.min(engine.table().header().ncpu as usize);
-    let s = Setup { cpus, ..s };
+    let mut engine = Engine::new(&config, path, s.cpus);
+    let t = engine.table();
     for class in 0..s.classes {
         // Small classes stay under the byte budget, so the cap is the
         // configured one and the model needs no budget arithmetic.
-        prop_assert_eq!(engine.table().header().cap(class + FIRST_CLASS), s.cap);
+        prop_assert_eq!(t.cap(engine.class(class)), s.cap);
     }
-    prop_assert_eq!(engine.table().header().threshold, s.threshold);
     let mut model = Model::new(&s);
+    let cpu_of = |c: Cpu| c.map(|c| c % s.cpus);
+    let real_cpus = crate::table::possible_cpus().unwrap_or(1);
 
     for (step, op) in ops.iter().enumerate() {
         let (got, want) = match *op {
-            Op::Alloc { cpu, class } | Op::BusyAlloc { cpu, class } => {
-                let busy = matches!(op, Op::BusyAlloc { .. });
-                let (cpu, class) = (cpu % s.cpus, class % s.classes);
-                (
-                    engine.alloc(cpu, class, busy),
-                    model.alloc(cpu, class, busy),
-                )
+            Op::Alloc { cpu, class, signal } => {
+                let (cpu, class) = (cpu_of(cpu), class % s.classes);
+                let before: HashSet<usize> = engine.held.iter().map(|&(b, _)| b).collect();
+                let b = engine.alloc(cpu, class, signal);
+                prop_assert!(!before.contains(&b), "step {}: handed out twice", step);
+                match model.alloc(cpu, class, signal) {
+                    Some(m) => (Outcome::Cached(b), Outcome::Cached(m)),
+                    // A fresh block is whatever jemalloc gives: never one
+                    // the model still lists.
+                    None => {
+                        prop_assert!(
+                            !model.lists_hold(b),
+                            "step {}: a listed block was fresh",
+                            step
+                        );
+                        (Outcome::Fresh, Outcome::Fresh)
+                    }
+                }
             }
-            Op::Free { pick, cpu, ctx } | Op::BusyFree { pick, cpu, ctx } => {
+            Op::BusyAlloc { cpu, class } => {
+                let (cpu, class) = (cpu % s.cpus, class % s.classes);
+                // SAFETY: mapped until `engine` drops, after this step.
+                let head = unsafe { &*engine.table }.cpu(cpu);
+                prop_assert!(head.try_lock(), "the slot is free between steps");
+                model.busy_slots = true;
+                let b = engine.alloc(Some(cpu), class, false);
+                head.unlock();
+                let m = model.alloc(Some(cpu), class, false);
+                model.busy_slots = false;
+                match m {
+                    Some(m) => (Outcome::Cached(b), Outcome::Cached(m)),
+                    None => (Outcome::Fresh, Outcome::Fresh),
+                }
+            }
+            Op::Free { pick, cpu, signal } => {
                 if engine.held.is_empty() {
                     continue;
                 }
-                let busy = matches!(op, Op::BusyFree { .. });
+                let cpu = cpu_of(cpu);
+                let (b, class) = engine.held.swap_remove(pick.index(engine.held.len()));
+                engine.free(b, class, cpu, signal);
+                model.free(cpu, class, b, signal);
+                (Outcome::Freed, Outcome::Freed)
+            }
+            Op::BusyFree { pick, cpu } => {
+                if engine.held.is_empty() {
+                    continue;
+                }
                 let cpu = cpu % s.cpus;
                 let (b, class) = engine.held.swap_remove(pick.index(engine.held.len()));
-                (
-                    Outcome::Free(engine.free(b, class, cpu, ctx, busy)),
-                    Outcome::Free(model.free(cpu, class, b, ctx, busy)),
-                )
+                // SAFETY: mapped until `engine` drops, after this step.
+                let head = unsafe { &*engine.table }.cpu(cpu);
+                prop_assert!(head.try_lock(), "the slot is free between steps");
+                engine.free(b, class, Some(cpu), false);
+                head.unlock();
+                model.busy_slots = true;
+                model.free(Some(cpu), class, b, false);
+                model.busy_slots = false;
+                (Outcome::Freed, Outcome::Freed)
             }
-            Op::TakeDeferred { cpu } => {
+            Op::Trim { cpu } => {
                 let cpu = cpu % s.cpus;
-                prop_assert_eq!(
-                    engine.take_deferred(cpu),
-                    model.take_deferred(cpu),
-                    "step {}",
-                    step
-                );
-                compare_lists(&engine, &model)?;
-                continue;
+                if cpu >= real_cpus {
+                    // The rseq path fences the CPU with that number.
+                    continue;
+                }
+                engine.on(Some(cpu));
+                engine.trim(cpu);
+                model.trim(cpu);
+                (Outcome::Trimmed, Outcome::Trimmed)
             }
         };
         prop_assert_eq!(got, want, "step {}: {:?}", step, op);
-        *seen.entry(name(&got)).or_default() += 1;
+        let name = match (op, got) {
+            (_, Outcome::Cached(_)) => "cached",
+            (_, Outcome::Fresh) => "fresh",
+            (Op::BusyFree { .. }, _) => "busy free",
+            (Op::Free { signal: true, .. }, _) => "signal free",
+            (Op::Free { cpu: None, .. }, _) => "free with no CPU",
+            (_, Outcome::Freed) => "task free",
+            (_, Outcome::Trimmed) => "trim",
+        };
+        *seen.entry(name).or_default() += 1;
         compare_lists(&engine, &model)
             .map_err(|e| TestCaseError::fail(format!("after step {step} ({op:?}): {e}")))?;
+        for l in model.lists.iter().flatten() {
+            *seen.entry("splice state").or_default() += l.chain as usize;
+            *seen.entry("at the cap").or_default() +=
+                (l.task.len() + l.sig.len() >= model.cap) as usize;
+        }
+        *seen.entry("deferred").or_default() += model.deferred.iter().map(Vec::len).sum::<usize>();
     }
 
-    // Every block is in exactly one place: the test's hands, a list, a
-    // deferred list, or jemalloc.
+    // No block is in two places: the test's hands, a list, a deferred
+    // list. (What went back to jemalloc is jemalloc's.)
     let mut places: Vec<usize> = engine.held.iter().map(|&(b, _)| b).collect();
-    places.extend(&engine.jemalloc);
-    for cpu in 0..s.cpus {
-        let cache = engine.table().cpu(cpu);
-        for lists in &cache.lists {
-            places.extend(walk(lists.task.load(Ordering::Relaxed))?);
-            places.extend(walk(lists.sig.word())?);
-        }
-        places.extend(walk(cache.deferred.word())?);
+    for l in model.lists.iter().flatten() {
+        places.extend(&l.task);
+        places.extend(&l.sig);
     }
+    places.extend(model.deferred.iter().flatten());
     let unique: HashSet<usize> = places.iter().copied().collect();
     prop_assert_eq!(unique.len(), places.len(), "a block is in two places");
-    let all: HashSet<usize> = engine.pool.iter().map(|b| b.as_ptr() as usize).collect();
-    prop_assert_eq!(unique, all, "a block was lost or made up");
     Ok(())
 }
 
-#[test]
-fn the_engine_follows_the_model() {
+fn run(path: Path) {
     let mut config = RunnerConfig {
         failure_persistence: None,
         ..RunnerConfig::default()
     };
     // PROPTEST_CASES still wins, for a longer soak.
     if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = 3000;
+        config.cases = 2000;
     }
     let mut runner = TestRunner::new(config);
     let seen = RefCell::new(Seen::new());
-    let strategy = (setup(), prop::collection::vec(op(), 1..300));
+    let strategy = (
+        setup(),
+        prop::collection::vec(op(path == Path::Fallback), 1..300),
+    );
     let result = runner.run(&strategy, |(s, ops)| {
-        run_case(s, &ops, &mut seen.borrow_mut())
+        run_case(path, s, &ops, &mut seen.borrow_mut())
     });
     match result {
         Ok(()) => {}
@@ -472,19 +538,36 @@ fn the_engine_follows_the_model() {
         Err(e) => panic!("{e}"),
     }
     let seen = seen.into_inner();
-    eprintln!("outcomes over the run: {seen:?}");
-    for outcome in [
-        "hit",
-        "spliced",
-        "miss",
-        "busy",
-        "free task",
-        "free signal",
-        "free deferred",
-        "free overflow",
-        "free other",
-    ] {
-        let n = seen.get(outcome).copied().unwrap_or(0);
-        assert!(n >= 100, "the run reached {outcome:?} only {n} times");
+    eprintln!("{path}: outcomes over the run: {seen:?}");
+    let mut expected = vec![
+        "cached",
+        "fresh",
+        "task free",
+        "signal free",
+        "free with no CPU",
+        "trim",
+        "splice state",
+        "at the cap",
+        "deferred",
+    ];
+    if path == Path::Fallback {
+        expected.push("busy free");
     }
+    for outcome in expected {
+        let n = seen.get(outcome).copied().unwrap_or(0);
+        assert!(
+            n >= 100,
+            "{path}: the run reached {outcome:?} only {n} times"
+        );
+    }
+}
+
+#[test]
+fn the_rseq_path_follows_the_model() {
+    run(Path::Rseq);
+}
+
+#[test]
+fn the_fallback_path_follows_the_model() {
+    run(Path::Fallback);
 }

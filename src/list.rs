@@ -1,19 +1,21 @@
-//! Intrusive free lists whose whole state is one 64-bit word.
+//! Intrusive lists whose whole state is one 64-bit word: the signal lists,
+//! the deferred-return lists, and a task list spliced from a signal list
+//! (its *chain*, see [`crate::table::TaskWord`]).
 //!
-//! A list word packs the head block's address (low 48 bits) with the list's
-//! length (the bits above; task list words also count their front slots,
-//! see [`MAX_TASK_LIST`]). A free block's first eight bytes hold the list
-//! word of the rest of the list, so a block carries its list's tail *and*
-//! that tail's length. Three things follow:
-//! - push and pop change one word, which is what lets a restartable
-//!   sequence commit either with a single store;
-//! - `nr` and `nr_sig` are exact: they are read from the same word the
-//!   list is, never kept beside it;
-//! - a splice is one word handed from the signal list to the task list, in
-//!   O(1), with the counts already right in every link.
+//! A [`ListWord`] packs the head block's address (low 48 bits) with the
+//! list's length (the bits above). A listed block's first eight bytes hold
+//! the list word of the rest of the list, so every link carries its tail's
+//! length too. Three things follow:
+//! - a push or a take changes one word, so the lists can be lock-free
+//!   (one CAS) and a restartable sequence can commit a chain pop with a
+//!   single store;
+//! - `nr_sig` is exact: it is read from the word the list is, never kept
+//!   beside it;
+//! - a splice hands one word from the signal list to the task list, in
+//!   O(1), with the lengths already right in every link.
 //!
 //! User-space addresses on x86_64 and aarch64 Linux stay below 2^48 unless
-//! a program asks `mmap` for more; a block above that is never cached
+//! a program asks `mmap` for more; a block above that is never linked
 //! ([`fits`]).
 
 use core::sync::atomic::Ordering;
@@ -30,56 +32,60 @@ use loom::sync::atomic::AtomicU64;
 pub(crate) const COUNT_SHIFT: u32 = 48;
 /// The head address lives under this mask.
 pub(crate) const PTR_MASK: u64 = (1 << COUNT_SHIFT) - 1;
-/// The largest length a list word can hold. Bit 63 is kept free.
+/// The largest length a list word can hold. Bit 63 is kept free, so a
+/// list word is never negative (the task word's flags rely on it).
 pub(crate) const MAX_COUNT: u32 = (1 << 15) - 1;
-/// A task list word is `[drain:1][front:5][nr:10][head:48]`: `nr` counts
-/// the whole task list, front slots and linked part. It must hold a
-/// spliced signal list, which can pass the cap by one.
-pub(crate) const MAX_TASK_LIST: u32 = (1 << 10) - 1;
-/// Where a task list word counts its front slots (rseq path only).
-pub(crate) const FRONT_SHIFT: u32 = 58;
-/// Front slots per CPU and class: with the two list words, four cache
-/// lines.
-pub(crate) const FRONT_SLOTS: u32 = 30;
-/// Set on a task list word while a drain owns the list (rseq path). It
-/// makes the word negative, and every critical section refuses a negative
-/// word: a push overflows, a pop misses.
-pub(crate) const DRAIN_BIT: u64 = 1 << 63;
 
-/// A task list's length (`nr`): front slots plus linked blocks.
-#[inline]
-pub(crate) fn task_len(word: u64) -> u32 {
-    ((word >> COUNT_SHIFT) as u32) & MAX_TASK_LIST
-}
+/// A list: `[0:1][len:15][head:48]`; zero is the empty list.
+///
+/// ```text
+///  word ──► block A ──► block B ──► block C
+///  (A, 3)   [(B, 2)]    [(C, 1)]    [(0, 0)]     [link] = first 8 bytes
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub(crate) struct ListWord(u64);
 
-/// The blocks in a task list word's front slots.
-#[inline]
-pub(crate) fn front_len(word: u64) -> u32 {
-    ((word >> FRONT_SHIFT) as u32) & 0x1f
-}
+impl ListWord {
+    /// The empty list.
+    pub(crate) const EMPTY: ListWord = ListWord(0);
 
-/// The blocks on a task list word's linked part.
-#[inline]
-pub(crate) fn list_len(word: u64) -> u32 {
-    task_len(word) - front_len(word)
-}
+    /// The list whose head is `block` and whose length is `n`.
+    #[inline]
+    pub(crate) fn new(block: *mut u8, n: u32) -> ListWord {
+        debug_assert!(fits(block) && n <= MAX_COUNT);
+        ListWord(block as u64 | (n as u64) << COUNT_SHIFT)
+    }
 
-/// The head block of a list word (null when empty).
-#[inline]
-pub(crate) fn head(word: u64) -> *mut u8 {
-    (word & PTR_MASK) as *mut u8
-}
+    /// The word as stored (in an atomic, a link, or a task word's chain).
+    #[inline]
+    pub(crate) const fn bits(self) -> u64 {
+        self.0
+    }
 
-/// The length of a list word.
-#[inline]
-pub(crate) fn count(word: u64) -> u32 {
-    ((word >> COUNT_SHIFT) as u32) & MAX_COUNT
-}
+    /// A word read back from [`ListWord::bits`].
+    #[inline]
+    pub(crate) const fn from_bits(bits: u64) -> ListWord {
+        ListWord(bits)
+    }
 
-/// The word of a list whose head is `block` and whose length is `n`.
-#[inline]
-pub(crate) fn pack(block: *mut u8, n: u32) -> u64 {
-    block as u64 | (n as u64) << COUNT_SHIFT
+    /// The head block (null when empty).
+    #[inline]
+    pub(crate) fn head(self) -> *mut u8 {
+        (self.0 & PTR_MASK) as *mut u8
+    }
+
+    /// The length.
+    #[inline]
+    pub(crate) const fn len(self) -> u32 {
+        ((self.0 >> COUNT_SHIFT) as u32) & MAX_COUNT
+    }
+
+    /// Whether the list is empty.
+    #[inline]
+    pub(crate) const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
 }
 
 /// Whether `block` can be linked: its address must fit in 48 bits.
@@ -95,23 +101,26 @@ pub(crate) fn fits(block: *mut u8) -> bool {
 /// `block` is on a list the caller owns (or has exclusive use of), so it is
 /// valid, 8-aligned and at least 8 bytes long.
 #[inline]
-pub(crate) unsafe fn read_link(block: *mut u8) -> u64 {
+pub(crate) unsafe fn read_link(block: *mut u8) -> ListWord {
     // SAFETY: the caller's contract.
-    crate::hardened::decode(unsafe { (block as *const u64).read() }, block)
+    ListWord(crate::hardened::decode(
+        unsafe { (block as *const u64).read() },
+        block,
+    ))
 }
 
-/// Reads the link of the head of `word`, a list whose count is exact (a
-/// task or signal list, not a deferred one): the rest of the list, one
+/// Reads the link of the head of `list`, a list whose length is exact (a
+/// signal list or a chain, not a deferred one): the rest of the list, one
 /// block shorter, which the `hardened` feature checks.
 ///
 /// # Safety
-/// As [`read_link`], for the head of `word`, which is not empty.
+/// As [`read_link`], for the head of `list`, which is not empty.
 #[inline]
-pub(crate) unsafe fn read_next(word: u64) -> u64 {
-    let block = head(word);
+pub(crate) unsafe fn read_next(list: ListWord) -> ListWord {
+    let block = list.head();
     // SAFETY: the caller's contract.
     let link = unsafe { read_link(block) };
-    if cfg!(feature = "hardened") && count(link) + 1 != count(word) {
+    if cfg!(feature = "hardened") && link.len() + 1 != list.len() {
         crate::hardened::corrupted(block);
     }
     link
@@ -122,21 +131,21 @@ pub(crate) unsafe fn read_next(word: u64) -> u64 {
 /// # Safety
 /// The caller owns `block`, a cache block of at least 8 bytes, 8-aligned.
 #[inline]
-pub(crate) unsafe fn write_link(block: *mut u8, word: u64) {
+pub(crate) unsafe fn write_link(block: *mut u8, rest: ListWord) {
     // SAFETY: the caller's contract.
-    unsafe { (block as *mut u64).write(crate::hardened::encode(word, block)) }
+    unsafe { (block as *mut u64).write(crate::hardened::encode(rest.0, block)) }
 }
 
-/// The blocks of a list word that the caller has taken off every list.
-/// Each link is read before its block is yielded, so the caller may free
-/// the block at once.
-pub(crate) struct Chain(u64);
+/// The blocks of a list that the caller has taken off every list. Each
+/// link is read before its block is yielded, so the caller may free the
+/// block at once.
+pub(crate) struct Chain(ListWord);
 
 impl Chain {
     /// # Safety
-    /// The caller owns every block of `word`'s list.
-    pub(crate) unsafe fn new(word: u64) -> Self {
-        Chain(word & !DRAIN_BIT)
+    /// The caller owns every block of `list`.
+    pub(crate) unsafe fn new(list: ListWord) -> Self {
+        Chain(list)
     }
 }
 
@@ -145,7 +154,7 @@ impl Iterator for Chain {
 
     #[inline]
     fn next(&mut self) -> Option<*mut u8> {
-        let block = head(self.0);
+        let block = self.0.head();
         if block.is_null() {
             return None;
         }
@@ -175,16 +184,17 @@ impl AtomicList {
         AtomicList(AtomicU64::new(0))
     }
 
-    /// The current list word (its length is `count(word)`).
+    /// The current list (a moment's reading; the blocks are not the
+    /// caller's).
     #[inline]
-    pub(crate) fn word(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+    pub(crate) fn word(&self) -> ListWord {
+        ListWord(self.0.load(Ordering::Acquire))
     }
 
     /// The current length.
     #[inline]
     pub(crate) fn len(&self) -> u32 {
-        count(self.0.load(Ordering::Relaxed))
+        ListWord(self.0.load(Ordering::Relaxed)).len()
     }
 
     /// Pushes `block` unless `full(len)` says the list (with whatever the
@@ -196,9 +206,9 @@ impl AtomicList {
     /// success.
     #[inline]
     pub(crate) unsafe fn push_unless(&self, block: *mut u8, full: impl Fn(u32) -> bool) -> bool {
-        let mut word = self.0.load(Ordering::Relaxed);
+        let mut word = ListWord(self.0.load(Ordering::Relaxed));
         loop {
-            let n = count(word);
+            let n = word.len();
             if n >= MAX_COUNT || full(n) {
                 return false;
             }
@@ -206,13 +216,13 @@ impl AtomicList {
             unsafe { write_link(block, word) };
             // Release publishes the link to whoever takes the list.
             match self.0.compare_exchange_weak(
-                word,
-                pack(block, n + 1),
+                word.0,
+                ListWord::new(block, n + 1).0,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return true,
-                Err(now) => word = now,
+                Err(now) => word = ListWord(now),
             }
         }
     }
@@ -223,76 +233,76 @@ impl AtomicList {
     /// # Safety
     /// As [`AtomicList::push_unless`].
     pub(crate) unsafe fn push_saturating(&self, block: *mut u8) {
-        let mut word = self.0.load(Ordering::Relaxed);
+        let mut word = ListWord(self.0.load(Ordering::Relaxed));
         loop {
             // SAFETY: the caller owns `block`.
             unsafe { write_link(block, word) };
-            let n = (count(word) + 1).min(MAX_COUNT);
+            let n = (word.len() + 1).min(MAX_COUNT);
             match self.0.compare_exchange_weak(
-                word,
-                pack(block, n),
+                word.0,
+                ListWord::new(block, n).0,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return,
-                Err(now) => word = now,
+                Err(now) => word = ListWord(now),
             }
         }
     }
 
-    /// Pushes a whole chain (a list word the caller owns) with no limit,
-    /// the length saturating as in [`AtomicList::push_saturating`]. Walks
-    /// the chain once to find its tail: for rare paths only.
+    /// Pushes a whole chain (a list the caller owns) with no limit, the
+    /// length saturating as in [`AtomicList::push_saturating`]. Walks the
+    /// chain once to find its tail: for rare paths only.
     ///
     /// # Safety
     /// The caller owns every block of `chain` and gives them up.
-    pub(crate) unsafe fn push_chain(&self, chain: u64) {
+    pub(crate) unsafe fn push_chain(&self, chain: ListWord) {
         // SAFETY: the caller owns the chain.
         let tail = match unsafe { Chain::new(chain) }.last() {
             Some(tail) => tail,
             None => return,
         };
-        let mut word = self.0.load(Ordering::Relaxed);
+        let mut word = ListWord(self.0.load(Ordering::Relaxed));
         loop {
             // SAFETY: `tail` is ours; linking it to the list makes one chain.
             unsafe { write_link(tail, word) };
-            let n = (count(chain) + count(word)).min(MAX_COUNT);
+            let n = (chain.len() + word.len()).min(MAX_COUNT);
             match self.0.compare_exchange_weak(
-                word,
-                pack(head(chain), n),
+                word.0,
+                ListWord::new(chain.head(), n).0,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return,
-                Err(now) => word = now,
+                Err(now) => word = ListWord(now),
             }
         }
     }
 
-    /// Takes the whole list; the caller owns what the word returned holds.
+    /// Takes the whole list; the caller owns what it returns.
     #[inline]
-    pub(crate) fn take(&self) -> u64 {
+    pub(crate) fn take(&self) -> ListWord {
         if self.0.load(Ordering::Relaxed) == 0 {
-            return 0;
+            return ListWord::EMPTY;
         }
-        self.0.swap(0, Ordering::Acquire)
+        ListWord(self.0.swap(0, Ordering::Acquire))
     }
 
-    /// Takes the whole list if it holds at least `n` blocks, else nothing
-    /// (returns 0). Exact: a list that dropped below `n` meanwhile is left.
+    /// Takes the whole list if it holds at least `n` blocks, else nothing.
+    /// Exact: a list that dropped below `n` meanwhile is left.
     #[inline]
-    pub(crate) fn take_if_at_least(&self, n: u32) -> u64 {
-        let mut word = self.0.load(Ordering::Relaxed);
-        while count(word) >= n && word != 0 {
+    pub(crate) fn take_if_at_least(&self, n: u32) -> ListWord {
+        let mut word = ListWord(self.0.load(Ordering::Relaxed));
+        while word.len() >= n && !word.is_empty() {
             match self
                 .0
-                .compare_exchange_weak(word, 0, Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange_weak(word.0, 0, Ordering::Acquire, Ordering::Relaxed)
             {
                 Ok(_) => return word,
-                Err(now) => word = now,
+                Err(now) => word = ListWord(now),
             }
         }
-        0
+        ListWord::EMPTY
     }
 }
 
@@ -320,15 +330,12 @@ mod tests {
     #[test]
     fn words_pack_and_unpack() {
         let p = 0x7fff_dead_bee0usize as *mut u8;
-        let w = pack(p, 300);
-        assert_eq!(head(w), p);
-        assert_eq!(count(w), 300);
-        assert_eq!(task_len(w), 300);
-        let with_front = w + (3 << FRONT_SHIFT) + (3 << COUNT_SHIFT);
-        assert_eq!((front_len(with_front), list_len(with_front)), (3, 300));
-        assert_eq!(task_len(with_front), 303);
-        assert_eq!(head(with_front), p);
-        assert_eq!(count(w | DRAIN_BIT), 300);
+        let w = ListWord::new(p, 300);
+        assert_eq!(w.head(), p);
+        assert_eq!(w.len(), 300);
+        assert_eq!(ListWord::from_bits(w.bits()), w);
+        assert!(w.bits() < 1 << 63, "a list word is never negative");
+        assert!(ListWord::EMPTY.is_empty() && !w.is_empty());
         assert!(fits(p));
         assert!(!fits((1u64 << 50) as *mut u8));
     }
@@ -342,9 +349,9 @@ mod tests {
             assert!(unsafe { list.push_unless(b as *mut Block as *mut u8, |_| false) });
         }
         assert_eq!(list.len(), 20);
-        assert_eq!(list.take_if_at_least(21), 0);
+        assert!(list.take_if_at_least(21).is_empty());
         let word = list.take_if_at_least(20);
-        assert_eq!(count(word), 20);
+        assert_eq!(word.len(), 20);
         assert_eq!(list.len(), 0);
         // SAFETY: the list was taken whole.
         let taken: Vec<_> = unsafe { Chain::new(word) }.collect();
@@ -356,7 +363,9 @@ mod tests {
         assert_eq!(taken, expected);
         // Every link carries its own tail's length.
         // SAFETY: the blocks are ours again.
-        assert_eq!(count(unsafe { read_link(taken[0]) }), 19);
+        assert_eq!(unsafe { read_link(taken[0]) }.len(), 19);
+        // SAFETY: as above.
+        assert_eq!(unsafe { read_next(word) }.len(), 19);
     }
 
     #[test]
@@ -368,6 +377,30 @@ mod tests {
             unsafe { list.push_unless(b as *mut Block as *mut u8, |n| n >= 2) };
         }
         assert_eq!(list.len(), 2);
+    }
+
+    #[test]
+    fn a_pushed_chain_keeps_every_block() {
+        let mut mem = blocks(5);
+        let addrs: Vec<*mut u8> = mem.iter_mut().map(|b| b as *mut Block as *mut u8).collect();
+        let list = AtomicList::new();
+        // SAFETY: the test owns the blocks.
+        unsafe { list.push_saturating(addrs[0]) };
+        let mut chain = ListWord::EMPTY;
+        for &b in &addrs[1..] {
+            // SAFETY: as above.
+            unsafe { write_link(b, chain) };
+            chain = ListWord::new(b, chain.len() + 1);
+        }
+        // SAFETY: the chain is the test's.
+        unsafe { list.push_chain(chain) };
+        assert_eq!(list.len(), 5);
+        // SAFETY: taken whole.
+        let mut got: Vec<_> = unsafe { Chain::new(list.take()) }.collect();
+        got.sort();
+        let mut want = addrs.clone();
+        want.sort();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl Drop for Blocks {
 
 /// The blocks of a list word that the caller owns, head first, checking
 /// that every link carries the length of the list it starts.
-fn walk(word: u64) -> Vec<usize> {
+fn walk(word: ListWord) -> Vec<usize> {
     walk_checking(word, true)
 }
 
@@ -54,14 +54,14 @@ fn walk(word: u64) -> Vec<usize> {
 /// the head, which `push_chain` leaves as they were in the chain: it is for
 /// the deferred lists, whose lengths mean nothing and which are only ever
 /// taken whole.
-fn walk_checking(word: u64, exact_links: bool) -> Vec<usize> {
+fn walk_checking(word: ListWord, exact_links: bool) -> Vec<usize> {
     let mut blocks = Vec::new();
     let mut w = word;
-    while !head(w).is_null() {
+    while !w.head().is_null() {
         assert!(blocks.len() < 64, "a list loops");
-        blocks.push((head(w) as usize, count(w)));
+        blocks.push((w.head() as usize, w.len()));
         // SAFETY: the caller owns the list; its blocks are live `Blocks`.
-        w = unsafe { read_link(head(w)) };
+        w = unsafe { read_link(w.head()) };
     }
     let n = blocks.len() as u32;
     assert_eq!(
@@ -109,7 +109,7 @@ fn loom_racing_pushes_lose_nothing() {
         push(&list, blocks.get(2));
         t.join().unwrap();
         let word = list.take();
-        assert_eq!(count(word), 3);
+        assert_eq!(word.len(), 3);
         exactly_once(&blocks, &[&walk(word)]);
     });
 }
@@ -129,7 +129,7 @@ fn loom_racing_saturating_pushes_lose_nothing() {
         unsafe { list.push_saturating(blocks.get(1)) };
         t.join().unwrap();
         let word = list.take();
-        assert_eq!(count(word), 2);
+        assert_eq!(word.len(), 2);
         exactly_once(&blocks, &[&walk(word)]);
     });
 }
@@ -163,12 +163,12 @@ fn loom_splice_racing_pushes_loses_nothing() {
             };
             let taken = list.take_if_at_least(THRESHOLD);
             pusher.join().unwrap();
-            if taken != 0 {
-                assert!(count(taken) >= THRESHOLD, "spliced {}", count(taken));
+            if !taken.is_empty() {
+                assert!(taken.len() >= THRESHOLD, "spliced {}", taken.len());
             }
             let spliced = walk(taken);
             let left = list.take();
-            assert_eq!(count(taken) + count(left), before as u32 + 2);
+            assert_eq!(taken.len() + left.len(), before as u32 + 2);
             exactly_once(&blocks, &[&spliced, &walk(left)]);
         });
     }
@@ -199,8 +199,10 @@ fn loom_two_splices_never_share_a_block() {
 }
 
 /// (c) The cap check of a signal-list push (`push_unless`, as
-/// `rules::free_signal` uses it) races a task-list push (check, then
-/// store, as the fallback slot holder does) and another signal-list push.
+/// `rules::free_to_signal_list` uses it) races a task-list push (check,
+/// then store, as the fallback slot holder does) and another signal-list
+/// push. The task list is modelled as a chain: its length is all the
+/// check reads.
 /// `nr + nr_sig` may pass the cap by one, never more: the documented drift.
 #[test]
 fn loom_cap_check_drifts_by_one_at_most() {
@@ -211,14 +213,16 @@ fn loom_cap_check_drifts_by_one_at_most() {
         let task = Arc::new(AtomicU64::new(0));
         let sig = Arc::new(AtomicList::new());
         // SAFETY: block 0 is ours, and the task list is empty.
-        unsafe { write_link(blocks.get(0), 0) };
-        task.store(pack(blocks.get(0), 1), Ordering::Relaxed);
+        unsafe { write_link(blocks.get(0), ListWord::EMPTY) };
+        task.store(ListWord::new(blocks.get(0), 1).bits(), Ordering::Relaxed);
         push(&sig, blocks.get(1));
 
         let signal_push = |i: usize| {
             let (blocks, task, sig) = (blocks.clone(), task.clone(), sig.clone());
             thread::spawn(move || {
-                let full = |n_sig: u32| task_len(task.load(Ordering::Relaxed)) + n_sig >= CAP;
+                let full = |n_sig: u32| {
+                    ListWord::from_bits(task.load(Ordering::Relaxed)).len() + n_sig >= CAP
+                };
                 // SAFETY: block `i` is this thread's.
                 unsafe { sig.push_unless(blocks.get(i), full) }
             })
@@ -226,17 +230,20 @@ fn loom_cap_check_drifts_by_one_at_most() {
         let s1 = signal_push(2);
         let s2 = signal_push(3);
         // The slot holder: only it writes the task list.
-        let word = task.load(Ordering::Relaxed);
-        let n = count(word);
+        let word = ListWord::from_bits(task.load(Ordering::Relaxed));
+        let n = word.len();
         let pushed_task = n + sig.len() < CAP;
         if pushed_task {
             // SAFETY: block 4 is ours; we are the task list's only writer.
             unsafe { write_link(blocks.get(4), word) };
-            task.store(pack(blocks.get(4), n + 1), Ordering::Relaxed);
+            task.store(
+                ListWord::new(blocks.get(4), n + 1).bits(),
+                Ordering::Relaxed,
+            );
         }
         let pushed = [s1.join().unwrap(), s2.join().unwrap()];
 
-        let on_task = walk(task.load(Ordering::Relaxed));
+        let on_task = walk(ListWord::from_bits(task.load(Ordering::Relaxed)));
         let on_sig = walk(sig.take());
         let total = (on_task.len() + on_sig.len()) as u32;
         assert!(total <= CAP + 1, "nr + nr_sig = {total}, cap {CAP}");
@@ -267,11 +274,11 @@ fn loom_push_chain_racing_take_loses_nothing() {
             let (blocks, deferred) = (blocks.clone(), deferred.clone());
             thread::spawn(move || {
                 // A chain of blocks 1-3, as a taken signal list would be.
-                let mut chain = 0;
+                let mut chain = ListWord::EMPTY;
                 for i in 1..4 {
                     // SAFETY: blocks 1-3 are this thread's.
                     unsafe { write_link(blocks.get(i), chain) };
-                    chain = pack(blocks.get(i), count(chain) + 1);
+                    chain = ListWord::new(blocks.get(i), chain.len() + 1);
                 }
                 // SAFETY: the chain is ours and is given up.
                 unsafe { deferred.push_chain(chain) };
@@ -280,7 +287,7 @@ fn loom_push_chain_racing_take_loses_nothing() {
         let taken = deferred.take();
         pusher.join().unwrap();
         let left = deferred.take();
-        assert_eq!(count(taken) + count(left), 4);
+        assert_eq!(taken.len() + left.len(), 4);
         let (taken, left) = (walk_checking(taken, false), walk_checking(left, false));
         exactly_once(&blocks, &[&taken, &left]);
     });

@@ -1,0 +1,111 @@
+//! Per-CPU exclusion: how one CPU's task lists are kept to one operation
+//! at a time (the kernel's `get_cpu()`/`put_cpu()`).
+//!
+//! [`PerCpu`] is the mechanism: a handful of task-list operations on the
+//! calling thread's current CPU, each of which either happens whole or is
+//! refused. The policy, which operation to try and what a refusal means,
+//! is the rules engine's ([`crate::rules`]), written once over this trait
+//! and monomorphised for each of its two implementations:
+//! - [`Rseq`](crate::rseq::Rseq): each operation is one restartable
+//!   sequence, with no atomics and no locks;
+//! - [`Locked`](crate::fallback::Locked): each operation holds the CPU's
+//!   slot, taken with a try-lock that never waits.
+
+use crate::list::ListWord;
+use crate::size_class::Class;
+use crate::table::{Record, Site, Table};
+
+/// How the allocator keeps each CPU's task lists to itself.
+///
+/// ```
+/// use percpu_alloc::{Config, Path, PerCpuAlloc};
+///
+/// let forced = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+/// assert_eq!(forced.path(), Path::Fallback);
+/// assert_eq!(forced.path().to_string(), "fallback");
+/// ```
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Restartable sequences: no locks, no atomics on the task lists.
+    Rseq,
+    /// A try-lock per CPU, CPU from RDPID or `sched_getcpu()`.
+    Fallback,
+}
+
+impl core::fmt::Display for Path {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Path::Rseq => "rseq",
+            Path::Fallback => "fallback",
+        })
+    }
+}
+
+/// What a pop found.
+#[derive(Clone, Copy)]
+pub(crate) struct Pop<'t> {
+    /// The block taken, or null: the top slot was not there to take.
+    pub(crate) block: *mut u8,
+    /// The record the pop looked at; `None` when the thread had no usable
+    /// CPU.
+    pub(crate) record: Option<&'t Record>,
+}
+
+/// What a push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// The block is on the task list.
+    Done,
+    /// Not taken: the cap, a list that is not in slots, a drain, or no
+    /// CPU. The caller still owns the block.
+    Refused,
+    /// Someone else holds the CPU (fallback only): the process's analog of
+    /// interrupt context. The caller still owns the block.
+    Busy,
+}
+
+/// The task-list operations, on the calling thread's current CPU. None of
+/// them allocates, blocks, or calls jemalloc.
+///
+/// # Safety
+/// Implementations must make each operation exclusive with every other
+/// operation on the same CPU's task list of the same table, and with the
+/// drains of `crate::drain`.
+pub(crate) unsafe trait PerCpu {
+    /// Rule 2 of alloc: takes the top slot of `site`'s task list.
+    fn pop(t: &Table, site: Site) -> Pop<'_>;
+
+    /// Rules 1 and 2 of free: fills the next slot of `site`'s task list
+    /// unless `nr + nr_sig >= cap` (the cap as the record holds it: 0 until
+    /// [`Table::arm`]).
+    ///
+    /// # Safety
+    /// The caller owns `block`, a block of `site`'s class, and gives it up
+    /// on [`Push::Done`].
+    unsafe fn push(t: &Table, site: Site, block: *mut u8) -> Push;
+
+    /// Rule 2 of alloc when the task list is a chain: takes its head.
+    /// Null when it is not a chain (any more).
+    fn pop_chain(t: &Table, class: Class) -> *mut u8;
+
+    /// Rules 1 and 2 of free when the task list is a chain: links `block`
+    /// on top unless `nr + nr_sig >= cap` (the header's cap). False when
+    /// refused.
+    ///
+    /// # Safety
+    /// As [`PerCpu::push`], and `block` fits a list word.
+    unsafe fn push_chain(t: &Table, class: Class, block: *mut u8) -> bool;
+
+    /// The second half of a splice: makes `chain` the task list if that is
+    /// empty and `chain.len() + nr_sig <= cap` (the header's cap). False
+    /// when refused.
+    ///
+    /// # Safety
+    /// The caller owns every block of `chain` and gives them up on success.
+    unsafe fn install(t: &Table, class: Class, chain: ListWord) -> bool;
+
+    /// The CPU this thread runs on now, if the table covers it: a hint,
+    /// never a promise (the thread may move right after).
+    fn cpu_hint(t: &Table) -> Option<usize>;
+}
