@@ -20,8 +20,7 @@ use crate::rseq::{self, Rseq};
 use crate::rules;
 use crate::size_class::{class_of, Class};
 use crate::stats::{self, Counters, ListCounts, Snapshot, Stats, TrimReport};
-use crate::table::Site;
-use crate::table::{possible_cpus, Table};
+use crate::table::{possible_cpus, Site, Table};
 
 /// A global allocator with per-CPU, per-size-class caches in front of
 /// jemalloc.
@@ -47,7 +46,8 @@ use crate::table::{possible_cpus, Table};
 /// and memory must be freed through the instance that allocated it.
 /// Dropping an instance gives its cached blocks back to jemalloc.
 pub struct PerCpuAlloc {
-    /// The table, while the rseq path is live; null otherwise.
+    /// The table, while the rseq path is live; [`UNMADE`](crate::table::UNMADE) otherwise, so
+    /// that the hot paths never test for null.
     rseq: AtomicPtr<Table>,
     /// The table, while the fallback path is live; null otherwise.
     locked: AtomicPtr<Table>,
@@ -80,7 +80,7 @@ impl PerCpuAlloc {
     /// ```
     pub const fn with_config(config: Config) -> Self {
         PerCpuAlloc {
-            rseq: AtomicPtr::new(ptr::null_mut()),
+            rseq: AtomicPtr::new(Table::unmade()),
             locked: AtomicPtr::new(ptr::null_mut()),
             config,
         }
@@ -376,7 +376,7 @@ impl PerCpuAlloc {
     #[inline]
     fn table_if_made(&self) -> Option<&Table> {
         let mut table = self.rseq.load(Ordering::Acquire);
-        if table.is_null() {
+        if table == Table::unmade() {
             table = self.locked.load(Ordering::Acquire);
         }
         // SAFETY: a published table lives as long as `self`.
@@ -414,11 +414,11 @@ impl PerCpuAlloc {
         }
         // Every thread of a process picks the same path, so racing makers
         // meet on the same pointer.
-        let slot = match path {
-            Path::Rseq => &self.rseq,
-            Path::Fallback => &self.locked,
+        let (slot, unmade) = match path {
+            Path::Rseq => (&self.rseq, Table::unmade()),
+            Path::Fallback => (&self.locked, ptr::null_mut()),
         };
-        match slot.compare_exchange(ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire) {
+        match slot.compare_exchange(unmade, new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
                 Table::register(new);
                 fallback::watch_forks();
@@ -438,35 +438,98 @@ impl PerCpuAlloc {
     }
 
     /// An alloc on the rseq path, the one inlined into `__rust_alloc`.
+    /// Until a table is made, and on the fallback path, the rseq pointer
+    /// holds [`UNMADE`](crate::table::UNMADE), whose size limit of 0 sends every request out of
+    /// line: that is the whole dispatch.
     #[inline(always)]
     unsafe fn alloc_impl(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        let table = self.rseq.load(Ordering::Acquire);
-        if table.is_null() {
-            return alloc_elsewhere(layout.size(), layout.align(), zeroed, self);
+        // SAFETY: `rseq` holds `UNMADE` or a published table, which lives
+        // as long as `self`.
+        let table = unsafe { &*self.rseq.load(Ordering::Acquire) };
+        if layout.align() <= 8 {
+            if let Some(site) = table.site(layout.size()) {
+                return rules::alloc::<Rseq>(table, site, if zeroed { layout.size() } else { 0 });
+            }
         }
-        // SAFETY: a published table lives as long as `self`.
-        alloc_on::<Rseq>(layout, zeroed, unsafe { &*table })
+        alloc_unserved(layout.size(), layout.align(), zeroed, self)
     }
 }
 
 // The out-of-line functions take the caller's arguments first, in the
 // registers they arrive in, so that jumping to one moves nothing.
 
+/// An alloc the rseq hit path did not look up: a large or over-aligned
+/// layout on the rseq path, or no rseq table.
+#[cold]
+#[inline(never)]
+fn alloc_unserved(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc) -> *mut u8 {
+    let table = alloc.rseq.load(Ordering::Acquire);
+    if table != Table::unmade() {
+        // SAFETY: a published table lives as long as `alloc`.
+        return alloc_uncommon::<Rseq>(size, align, zeroed, unsafe { &*table });
+    }
+    alloc_elsewhere(size, align, zeroed, alloc)
+}
+
 /// An alloc on the fallback path, or before the table is made.
 #[inline(never)]
 fn alloc_elsewhere(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc) -> *mut u8 {
-    // SAFETY: `size` and `align` came from a `Layout`.
-    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
     let table = alloc.locked.load(Ordering::Acquire);
     if !table.is_null() {
         // SAFETY: a published table lives as long as `alloc`.
-        return alloc_on::<Locked>(layout, zeroed, unsafe { &*table });
+        return alloc_on::<Locked>(size, align, zeroed, unsafe { &*table });
     }
     match alloc.make_table() {
-        // SAFETY: the table is published now.
-        Some(_) => unsafe { alloc.alloc_impl(layout, zeroed) },
-        None => backend::alloc(layout.size().max(1), layout.align(), zeroed),
+        // SAFETY: `size` and `align` came from a `Layout`; the table is
+        // published now.
+        Some(_) => unsafe {
+            alloc.alloc_impl(Layout::from_size_align_unchecked(size, align), zeroed)
+        },
+        None => backend::alloc(size.max(1), align, zeroed),
     }
+}
+
+/// An alloc through `table`'s path `P`, as `alloc_impl` is for rseq.
+#[inline(always)]
+fn alloc_on<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Table) -> *mut u8 {
+    if align <= 8 {
+        if let Some(site) = table.site(size) {
+            return rules::alloc::<P>(table, site, if zeroed { size } else { 0 });
+        }
+    }
+    alloc_uncommon::<P>(size, align, zeroed, table)
+}
+
+/// A layout the inline path does not look up: aligned to more than 8
+/// (rare, so the hot path never waits on its lookup), or larger than
+/// every cached size, which goes straight to jemalloc. Out of line, so
+/// that the layout-to-flags work stays out of every inlined copy.
+#[cold]
+#[inline(never)]
+fn alloc_uncommon<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Table) -> *mut u8 {
+    if align > 8 {
+        if let Some(site) = table.site_aligned(size, align) {
+            return rules::alloc::<P>(table, site, if zeroed { size } else { 0 });
+        }
+    }
+    backend::alloc(size.max(1), align, zeroed)
+}
+
+/// A free the rseq hit path did not look up, as [`alloc_unserved`].
+///
+/// # Safety
+/// As `GlobalAlloc::dealloc`.
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_unserved(ptr: *mut u8, size: usize, align: usize, alloc: &PerCpuAlloc) {
+    let table = alloc.rseq.load(Ordering::Acquire);
+    if table != Table::unmade() {
+        // SAFETY: a published table lives as long as `alloc`; forwarded
+        // contract.
+        return unsafe { dealloc_uncommon::<Rseq>(ptr, size, align, &*table) };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { dealloc_elsewhere(ptr, size, align, alloc) }
 }
 
 /// A free on the fallback path, or with no table.
@@ -475,17 +538,51 @@ fn alloc_elsewhere(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc)
 /// As `GlobalAlloc::dealloc`.
 #[inline(never)]
 unsafe fn dealloc_elsewhere(ptr: *mut u8, size: usize, align: usize, alloc: &PerCpuAlloc) {
-    // SAFETY: `size` and `align` came from a `Layout`.
-    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
     let table = alloc.locked.load(Ordering::Acquire);
     if !table.is_null() {
         // SAFETY: a published table lives as long as `alloc`; forwarded
         // contract.
-        return unsafe { dealloc_on::<Locked>(ptr, layout, &*table) };
+        return unsafe { dealloc_on::<Locked>(ptr, size, align, &*table) };
     }
     // SAFETY: with no table, `alloc` took every block from jemalloc with
     // this size and alignment.
-    unsafe { backend::free(ptr, layout.size().max(1), layout.align()) }
+    unsafe { backend::free(ptr, size.max(1), align) }
+}
+
+/// A free through `table`'s path `P`.
+///
+/// # Safety
+/// As `GlobalAlloc::dealloc`, for a block this allocator made with `table`.
+#[inline(always)]
+unsafe fn dealloc_on<P: PerCpu>(ptr: *mut u8, size: usize, align: usize, table: &Table) {
+    if align <= 8 {
+        if let Some(site) = table.site(size) {
+            // SAFETY: `ptr` was allocated with this layout by this
+            // allocator, so it is a block of the site's class.
+            return unsafe { rules::free::<P>(table, site, ptr) };
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { dealloc_uncommon::<P>(ptr, size, align, table) }
+}
+
+/// A free of a layout the inline path does not look up, as
+/// [`alloc_uncommon`].
+///
+/// # Safety
+/// As [`dealloc_on`].
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_uncommon<P: PerCpu>(ptr: *mut u8, size: usize, align: usize, table: &Table) {
+    if align > 8 {
+        if let Some(site) = table.site_aligned(size, align) {
+            // SAFETY: as in `dealloc_on`.
+            return unsafe { rules::free::<P>(table, site, ptr) };
+        }
+    }
+    // SAFETY: not a cached layout, so `alloc` took it from jemalloc with
+    // this size (or 1 for 0) and alignment.
+    unsafe { backend::free(ptr, size.max(1), align) }
 }
 
 /// Where `table` caches `layout`, if it does.
@@ -494,65 +591,6 @@ fn site_of(table: &Table, layout: Layout) -> Option<Site> {
     match layout.align() {
         ..=8 => table.site(layout.size()),
         align => table.site_aligned(layout.size(), align),
-    }
-}
-
-/// An alloc through `table`'s path `P`. Over-aligned layouts are rare and
-/// go out of line, so that the hot path never waits on their lookup.
-#[inline(always)]
-fn alloc_on<P: PerCpu>(layout: Layout, zeroed: bool, table: &Table) -> *mut u8 {
-    if layout.align() > 8 {
-        return alloc_aligned::<P>(layout.size(), layout.align(), zeroed, table);
-    }
-    match table.site(layout.size()) {
-        Some(site) => rules::alloc::<P>(table, site, if zeroed { layout.size() } else { 0 }),
-        None => backend::alloc(layout.size().max(1), layout.align(), zeroed),
-    }
-}
-
-#[cold]
-#[inline(never)]
-fn alloc_aligned<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Table) -> *mut u8 {
-    // SAFETY: `size` and `align` came from a `Layout`.
-    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
-    match table.site_aligned(layout.size(), layout.align()) {
-        Some(site) => rules::alloc::<P>(table, site, if zeroed { layout.size() } else { 0 }),
-        None => backend::alloc(layout.size().max(1), layout.align(), zeroed),
-    }
-}
-
-/// A free through `table`'s path `P`.
-///
-/// # Safety
-/// As `GlobalAlloc::dealloc`, for a block this allocator made with `table`.
-#[inline(always)]
-unsafe fn dealloc_on<P: PerCpu>(ptr: *mut u8, layout: Layout, table: &Table) {
-    if layout.align() > 8 {
-        // SAFETY: forwarded contract.
-        return unsafe { dealloc_aligned::<P>(ptr, layout.size(), layout.align(), table) };
-    }
-    match table.site(layout.size()) {
-        // SAFETY: `ptr` was allocated with `layout` by this allocator, so
-        // it is a block of the site's class.
-        Some(site) => unsafe { rules::free::<P>(table, site, ptr) },
-        // SAFETY: not a cacheable layout, so `alloc` took it from jemalloc
-        // with this size and alignment.
-        None => unsafe { backend::free(ptr, layout.size().max(1), layout.align()) },
-    }
-}
-
-/// # Safety
-/// As [`dealloc_on`].
-#[cold]
-#[inline(never)]
-unsafe fn dealloc_aligned<P: PerCpu>(ptr: *mut u8, size: usize, align: usize, table: &Table) {
-    // SAFETY: `size` and `align` came from a `Layout`.
-    let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
-    match table.site_aligned(layout.size(), layout.align()) {
-        // SAFETY: as in `dealloc_on`.
-        Some(site) => unsafe { rules::free::<P>(table, site, ptr) },
-        // SAFETY: as in `dealloc_on`.
-        None => unsafe { backend::free(ptr, layout.size().max(1), layout.align()) },
     }
 }
 
@@ -565,7 +603,7 @@ impl Default for PerCpuAlloc {
 impl Drop for PerCpuAlloc {
     fn drop(&mut self) {
         for table in [*self.rseq.get_mut(), *self.locked.get_mut()] {
-            if !table.is_null() {
+            if !table.is_null() && table != Table::unmade() {
                 Table::unregister(table);
                 // SAFETY: `&mut self`: no call into this allocator is
                 // running, and none can start, so the table is ours to
@@ -599,14 +637,17 @@ unsafe impl GlobalAlloc for PerCpuAlloc {
 
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let table = self.rseq.load(Ordering::Acquire);
-        if table.is_null() {
-            // SAFETY: forwarded contract.
-            return unsafe { dealloc_elsewhere(ptr, layout.size(), layout.align(), self) };
+        // SAFETY: as in `alloc_impl`.
+        let table = unsafe { &*self.rseq.load(Ordering::Acquire) };
+        if layout.align() <= 8 {
+            if let Some(site) = table.site(layout.size()) {
+                // SAFETY: `ptr` was allocated with `layout` by this
+                // allocator, so it is a block of the site's class.
+                return unsafe { rules::free::<Rseq>(table, site, ptr) };
+            }
         }
-        // SAFETY: a published table lives as long as `self`; forwarded
-        // contract.
-        unsafe { dealloc_on::<Rseq>(ptr, layout, &*table) }
+        // SAFETY: forwarded contract.
+        unsafe { dealloc_unserved(ptr, layout.size(), layout.align(), self) }
     }
 
     #[inline]

@@ -25,16 +25,11 @@ fn flags(size: usize, align: usize) -> c_int {
     }
 }
 
-/// A fresh block of `class`, zeroed if asked; null if jemalloc has none.
-///
-/// `malloc` and `calloc` rather than `mallocx`: in jemalloc 5.3 only they
-/// have a fast path (straight to the thread cache), and every miss comes
-/// through here. No alignment is needed: a class only serves layouts whose
-/// alignment its blocks have.
-#[inline]
-pub(crate) fn alloc_class(class: Class, zeroed: bool) -> *mut u8 {
-    let size = class.size();
-    // SAFETY: `size` is a class size, non-zero.
+/// A fresh block of the class jemalloc rounds `size` up to (our class:
+/// the classes are jemalloc's), zeroed if asked. `size` is non-zero.
+#[inline(always)]
+pub(crate) fn alloc_sized(size: usize, zeroed: bool) -> *mut u8 {
+    // SAFETY: `size` is non-zero.
     unsafe {
         if zeroed {
             je::calloc(1, size) as *mut u8
@@ -42,6 +37,16 @@ pub(crate) fn alloc_class(class: Class, zeroed: bool) -> *mut u8 {
             je::malloc(size) as *mut u8
         }
     }
+}
+
+/// Returns a block that [`alloc_sized`] made for a size of the same class.
+///
+/// # Safety
+/// `block` is a live jemalloc block of the class of `size`, no longer used.
+#[inline(always)]
+pub(crate) unsafe fn free_sized(block: *mut u8, size: usize) {
+    // SAFETY: the caller's contract; jemalloc only needs the size's class.
+    unsafe { je::sdallocx(block as *mut c_void, size, 0) }
 }
 
 /// Returns a block of `class` to jemalloc (`sdallocx` without flags has a

@@ -14,6 +14,7 @@
 
 use core::cell::Cell;
 use core::marker::PhantomData;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// The context of an allocator call, as the rules see it.
 ///
@@ -42,6 +43,25 @@ pub enum Context {
 thread_local! {
     // No destructor and a const initialiser: see the module comment.
     static SIGNAL_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks held now, over every thread. A thread whose depth is above zero
+/// has counted itself here first (and uncounts itself last), so zero means
+/// no thread of the process is in signal context, this one included.
+///
+/// The hot free path reads this one word instead of the thread-local
+/// depth: a thread-local in a library is reached with the general-dynamic
+/// TLS model, a call to `__tls_get_addr` as the compiler sees it (which the
+/// linker then relaxes into two instructions), and values live across
+/// that call cost every free the saving of registers.
+static SCOPES: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether some thread may be in signal context now: the cheap test the
+/// hot free path makes before [`current_context`]. False only when the
+/// calling thread is certainly in task context.
+#[inline(always)]
+pub(crate) fn any_signal_context() -> bool {
+    SCOPES.load(Ordering::Relaxed) != 0
 }
 
 /// The context of the calling thread: [`Context::Signal`] inside a marked
@@ -100,6 +120,9 @@ pub struct SignalGuard {
 /// ```
 #[inline]
 pub fn enter_signal_context() -> SignalGuard {
+    // Counted before the depth rises: see `SCOPES`. An atomic add is
+    // async-signal-safe.
+    SCOPES.fetch_add(1, Ordering::Relaxed);
     let _ = SIGNAL_DEPTH.try_with(|d| d.set(d.get().wrapping_add(1)));
     SignalGuard {
         _not_send: PhantomData,
@@ -110,6 +133,7 @@ impl Drop for SignalGuard {
     #[inline]
     fn drop(&mut self) {
         let _ = SIGNAL_DEPTH.try_with(|d| d.set(d.get().wrapping_sub(1)));
+        SCOPES.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -54,10 +54,7 @@ unsafe impl PerCpu for Locked {
     #[inline(always)]
     fn pop(t: &Table, site: Site) -> Pop<'_> {
         let Some(cpu) = current_cpu(t.header().ncpu) else {
-            return Pop {
-                block: core::ptr::null_mut(),
-                record: None,
-            };
+            return Pop::no_cpu();
         };
         let block = locked(t, cpu, site.rec_off, |rec| {
             let w = rec.task.load();
@@ -70,10 +67,13 @@ unsafe impl PerCpu for Locked {
             rec.task.store(TaskWord::slots(n));
             block
         });
-        Pop {
-            block: block.unwrap_or(core::ptr::null_mut()),
-            record: Some(t.record_at(cpu, site.rec_off)),
-        }
+        let rec = t.record_at(cpu, site.rec_off);
+        let block = block.unwrap_or(core::ptr::null_mut());
+        let plain_miss = block.is_null()
+            && rec.task.load() == TaskWord::EMPTY
+            && rec.sig.word().is_empty()
+            && t.cpu(cpu).deferred.word().is_empty();
+        Pop::new(block, rec as *const Record as isize, plain_miss)
     }
 
     #[inline(always)]
@@ -81,23 +81,21 @@ unsafe impl PerCpu for Locked {
         let Some(cpu) = current_cpu(t.header().ncpu) else {
             return Push::Refused;
         };
+        let cap = t.cap(site.class()) as u64;
         let pushed = locked(t, cpu, site.rec_off, |rec| {
             let w = rec.task.load();
-            if !w.can_push_slot(rec.sig.len(), rec.cap.load(Ordering::Relaxed)) {
-                return false;
+            if !w.can_push_slot(rec.sig.len(), cap) {
+                let plain = w.in_slots().is_some() && t.cpu(cpu).deferred.word().is_empty();
+                return if plain { Push::Overflow } else { Push::Refused };
             }
             let n = w.len();
             // SAFETY: `n < cap` (checked above), so the slot exists; it is
             // above the list, so nobody else reads it.
             unsafe { rec.slot(n) }.store(block, Ordering::Relaxed);
             rec.task.store(TaskWord::slots(n + 1));
-            true
+            Push::Done
         });
-        match pushed {
-            Some(true) => Push::Done,
-            Some(false) => Push::Refused,
-            None => Push::Busy,
-        }
+        pushed.unwrap_or(Push::Busy)
     }
 
     fn pop_chain(t: &Table, class: Class) -> *mut u8 {

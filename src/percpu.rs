@@ -11,6 +11,8 @@
 //! - [`Locked`](crate::fallback::Locked): each operation holds the CPU's
 //!   slot, taken with a try-lock that never waits.
 
+use core::marker::PhantomData;
+
 use crate::list::ListWord;
 use crate::size_class::Class;
 use crate::table::{Record, Site, Table};
@@ -47,9 +49,49 @@ impl core::fmt::Display for Path {
 pub(crate) struct Pop<'t> {
     /// The block taken, or null: the top slot was not there to take.
     pub(crate) block: *mut u8,
+    /// The record the pop looked at, as the section left it: null or
+    /// negative when the thread had no usable CPU. Kept raw so that a hit,
+    /// which never needs the record, never pays to make it an `Option`.
+    at: isize,
+    /// With a null block: whether the miss is plain, the task list and the
+    /// signal list both empty and nothing deferred on the CPU, so that rule
+    /// 3 has nothing to do but ask jemalloc.
+    pub(crate) plain_miss: bool,
+    _table: PhantomData<&'t Record>,
+}
+
+impl<'t> Pop<'t> {
+    /// A pop that looked at `at` (null or negative: no CPU).
+    #[inline(always)]
+    pub(crate) fn new(block: *mut u8, at: isize, plain_miss: bool) -> Pop<'t> {
+        Pop {
+            block,
+            at,
+            plain_miss,
+            _table: PhantomData,
+        }
+    }
+
+    /// What [`Pop::new`] took as `at`.
+    #[inline(always)]
+    pub(crate) fn at(&self) -> isize {
+        self.at
+    }
+
+    /// A pop that found no usable CPU.
+    #[inline(always)]
+    pub(crate) fn no_cpu() -> Pop<'t> {
+        Pop::new(core::ptr::null_mut(), 0, false)
+    }
+
     /// The record the pop looked at; `None` when the thread had no usable
     /// CPU.
-    pub(crate) record: Option<&'t Record>,
+    #[inline(always)]
+    pub(crate) fn record(&self) -> Option<&'t Record> {
+        // SAFETY: a positive `at` is a record of the table the pop ran on,
+        // which lives for `'t` (`PerCpu::pop`).
+        (self.at > 0).then(|| unsafe { &*(self.at as *const Record) })
+    }
 }
 
 /// What a push did.
@@ -57,8 +99,12 @@ pub(crate) struct Pop<'t> {
 pub(crate) enum Push {
     /// The block is on the task list.
     Done,
-    /// Not taken: the cap, a list that is not in slots, a drain, or no
-    /// CPU. The caller still owns the block.
+    /// Not taken, because of the cap alone: a list in slots at the cap,
+    /// and nothing deferred on the CPU. The caller still owns the block.
+    Overflow,
+    /// Not taken for any other reason: a list that is not in slots,
+    /// deferred blocks, a drain, or no CPU. The caller still owns the
+    /// block.
     Refused,
     /// Someone else holds the CPU (fallback only): the process's analog of
     /// interrupt context. The caller still owns the block.
@@ -77,8 +123,7 @@ pub(crate) unsafe trait PerCpu {
     fn pop(t: &Table, site: Site) -> Pop<'_>;
 
     /// Rules 1 and 2 of free: fills the next slot of `site`'s task list
-    /// unless `nr + nr_sig >= cap` (the cap as the record holds it: 0 until
-    /// [`Table::arm`]).
+    /// unless `nr + nr_sig >= cap`.
     ///
     /// # Safety
     /// The caller owns `block`, a block of `site`'s class, and gives it up

@@ -38,7 +38,7 @@
 use crate::list::ListWord;
 use crate::percpu::{PerCpu, Pop, Push};
 use crate::size_class::Class;
-use crate::table::{Record, Site, Table};
+use crate::table::{Site, Table};
 
 /// The rseq path.
 pub(crate) struct Rseq;
@@ -47,7 +47,9 @@ pub(crate) struct Rseq;
 mod imp {
     use super::*;
     use crate::list::{fits, COUNT_SHIFT, PTR_MASK};
-    use crate::table::{BASES, CAP_OFF, CHAIN, CHAIN_LIST, REC_HDR, SIG_OFF, SPECIAL, TASK_OFF};
+    use crate::table::{
+        BASES, CAP_BY_SIZE, CHAIN, CHAIN_LIST, DEFERRED_OFF, REC_HDR, SIG_OFF, SPECIAL, TASK_OFF,
+    };
     use core::arch::asm;
 
     extern "C" {
@@ -101,9 +103,9 @@ mod imp {
     /// store the descriptor's address into `rseq_cs`, which the kernel
     /// clears on abort) and the way into a section (4:): `{r}` becomes the
     /// record of the current CPU, or the section leaves for `$nocpu` with
-    /// `{r}` negative. `$tmp` is any operand free at the start.
+    /// nothing of use in `{r}`. `{r}` also carries the descriptor's address.
     macro_rules! section_start {
-        ($tmp:literal, $nocpu:literal) => {
+        ($nocpu:literal) => {
             concat!(
                 ".pushsection __rseq_cs, \"aw\"\n",
                 ".balign 32\n",
@@ -120,17 +122,14 @@ mod imp {
                     "jmp 2f\n"
                 ),
                 "2:\n",
-                "lea {",
-                $tmp,
-                "}, [rip + 3b]\n",
-                "mov qword ptr fs:[{off} + 8], {",
-                $tmp,
-                "}\n",
+                "lea {r}, [rip + 3b]\n",
+                "mov qword ptr fs:[{off} + 8], {r}\n",
                 "4:\n",
-                // cpu_id, sign-extended: negative when this thread has no
-                // rseq area (glibc's -1 or -2), else the CPU.
-                "movsxd {r}, dword ptr fs:[{off} + 4]\n",
-                "test {r}, {r}\n",
+                // cpu_id, zero-extended: negative (glibc's -1 or -2) when
+                // this thread has no rseq area. A migration aborts the
+                // section, so it is the CPU the section commits on.
+                "mov {r:e}, dword ptr fs:[{off} + 4]\n",
+                "test {r:e}, {r:e}\n",
                 "js ",
                 $nocpu,
                 "\n",
@@ -209,32 +208,25 @@ mod imp {
         (t.header().rseq_offset, t.addr(), rec_off)
     }
 
-    /// The record at `r`, as the sections return it: null or negative
-    /// (the raw CPU word of an unregistered area) when there was no CPU.
-    #[inline(always)]
-    fn record<'t>(r: usize) -> Option<&'t Record> {
-        // SAFETY: a positive `r` is `bases[cpu] + rec_off[class]` of a live
-        // table, which points at a record.
-        ((r as isize) > 0).then(|| unsafe { &*(r as *const Record) })
-    }
-
     // SAFETY: every operation is one restartable sequence on the current
     // CPU's record that commits with its last instruction, and a drain's
     // bit makes each of them refuse (`crate::drain`).
     unsafe impl PerCpu for Rseq {
-        /// Pops the top slot: `{p}` the block, `{r}` the record.
+        /// Pops the top slot: `{p}` the block, `{r}` the record, and on a
+        /// refusal `{q}` zero when the miss is plain (see [`Pop`]).
         #[inline(always)]
         fn pop(t: &Table, site: Site) -> Pop<'_> {
             let (off, t, ro) = operands(t, site.rec_off);
             let block: *mut u8;
             let r: usize;
+            let q: usize;
             // SAFETY: `off` is `__rseq_offset` and `t` a live table on the
             // rseq path, whose bases cover every possible CPU (the only
             // numbers `cpu_id` takes). Only `rseq_cs` and the task word are
             // written, the word last.
             unsafe {
                 asm!(
-                    section_start!("r", "7f"),
+                    section_start!("8f"),
                     "mov {w}, qword ptr [{r} + {task}]",
                     // Zero is empty; every special word is negative.
                     "test {w}, {w}",
@@ -243,23 +235,42 @@ mod imp {
                     "sub {w}, 1",
                     "mov qword ptr [{r} + {task}], {w}",
                     "5:",
-                    cold!("7:\n", "xor {p:e}, {p:e}\n", "jmp 5b"),
+                    cold!(
+                        // Nothing popped. A plain miss: the task list
+                        // empty, the signal list empty (so no splice is
+                        // due) and nothing deferred on this CPU (whose
+                        // region starts `ro` before the record).
+                        "7:\n",
+                        "xor {p:e}, {p:e}\n",
+                        "mov {q}, {w}\n",
+                        "or {q}, qword ptr [{r} + {sig}]\n",
+                        "mov {w}, {r}\n",
+                        "sub {w}, {ro}\n",
+                        "or {q}, qword ptr [{w} + {deferred}]\n",
+                        "jmp 5b\n",
+                        // No CPU: not plain, and no record.
+                        "8:\n",
+                        "xor {p:e}, {p:e}\n",
+                        "xor {r:e}, {r:e}\n",
+                        "mov {q:e}, 1\n",
+                        "jmp 5b",
+                    ),
                     off = in(reg) off,
                     t = in(reg) t,
                     ro = in(reg) ro,
                     p = out(reg) block,
                     r = out(reg) r,
                     w = out(reg) _,
+                    q = out(reg) q,
                     bases = const BASES,
                     task = const TASK_OFF,
+                    sig = const SIG_OFF,
+                    deferred = const DEFERRED_OFF,
                     top = const REC_HDR - 8,
                     options(nostack),
                 );
             }
-            Pop {
-                block,
-                record: record(r),
-            }
+            Pop::new(block, r as isize, q == 0)
         }
 
         /// Fills the next slot unless `nr + nr_sig >= cap`.
@@ -271,22 +282,36 @@ mod imp {
             // top is written, which no list holds until the commit.
             unsafe {
                 asm!(
-                    section_start!("w", "{refused}"),
+                    section_start!("{refused}"),
                     "mov {w}, qword ptr [{r} + {task}]",
                     // nr_sig: bits 48..63 of the signal list's word.
-                    "movzx {s:e}, word ptr [{r} + {sig} + 6]",
-                    // nr + nr_sig against the cap; a special word is at
-                    // least 2^63 and never passes.
+                    "mov {s}, qword ptr [{r} + {sig}]",
+                    "shr {s}, {count_shift}",
+                    // nr + nr_sig against the cap of the size's class; a
+                    // special word is at least 2^63 and never passes.
                     "add {s}, {w}",
-                    "cmp {s}, qword ptr [{r} + {cap}]",
-                    "jae {refused}",
+                    "cmp {s}, qword ptr [{t} + {size} * 8 + {caps}]",
+                    "jae 7f",
                     "mov qword ptr [{r} + {w} * 8 + {slots}], {block}",
                     "add {w}, 1",
                     "mov qword ptr [{r} + {task}], {w}",
                     "5:",
+                    cold!(
+                        // Not pushed. A plain overflow: a list in slots at
+                        // the cap, nothing deferred on this CPU.
+                        "7:\n",
+                        "test {w}, {w}\n",
+                        "js {refused}\n",
+                        "mov {w}, {r}\n",
+                        "sub {w}, {ro}\n",
+                        "cmp qword ptr [{w} + {deferred}], 0\n",
+                        "jne {refused}\n",
+                        "jmp {overflow}",
+                    ),
                     off = in(reg) off,
                     t = in(reg) t,
                     ro = in(reg) ro,
+                    size = in(reg) site.served(),
                     block = in(reg) block,
                     r = out(reg) _,
                     w = out(reg) _,
@@ -294,10 +319,15 @@ mod imp {
                     bases = const BASES,
                     task = const TASK_OFF,
                     sig = const SIG_OFF,
-                    cap = const CAP_OFF,
+                    caps = const CAP_BY_SIZE,
+                    deferred = const DEFERRED_OFF,
                     slots = const REC_HDR,
+                    count_shift = const COUNT_SHIFT,
                     refused = label {
                         return Push::Refused;
+                    },
+                    overflow = label {
+                        return Push::Overflow;
                     },
                     options(nostack),
                 );
@@ -312,7 +342,7 @@ mod imp {
             macro_rules! section {
                 ($($hardening:tt)*) => {
                     asm!(
-                        section_start!("r", "7f"),
+                        section_start!("7f"),
                         "mov {w}, qword ptr [{r} + {task}]",
                         // SPECIAL | CHAIN and no DRAIN in the top three bits.
                         "mov {x}, {w}",
@@ -370,7 +400,7 @@ mod imp {
             macro_rules! section {
                 ($($hardening:tt)*) => {
                     asm!(
-                        section_start!("w", "{refused}"),
+                        section_start!("{refused}"),
                         "mov {w}, qword ptr [{r} + {task}]",
                         "mov {x}, {w}",
                         "shr {x}, 61",
@@ -442,7 +472,7 @@ mod imp {
             // `rseq_cs` and the task word are written.
             unsafe {
                 asm!(
-                    section_start!("w", "{refused}"),
+                    section_start!("{refused}"),
                     "cmp qword ptr [{r} + {task}], 0",
                     "jne {refused}",
                     "mov {w}, qword ptr [{r} + {sig}]",
@@ -497,14 +527,11 @@ mod imp {
 
     // SAFETY: every operation refuses.
     unsafe impl PerCpu for Rseq {
-        fn pop(_t: &Table, _class: Class) -> Pop<'_> {
-            Pop {
-                block: core::ptr::null_mut(),
-                record: None,
-            }
+        fn pop(_t: &Table, _site: Site) -> Pop<'_> {
+            Pop::no_cpu()
         }
 
-        unsafe fn push(_t: &Table, _class: Class, _block: *mut u8) -> Push {
+        unsafe fn push(_t: &Table, _site: Site, _block: *mut u8) -> Push {
             Push::Refused
         }
 

@@ -32,14 +32,13 @@
 //! [`AtomicList`]: crate::list::AtomicList
 
 use core::ptr;
-use core::sync::atomic::Ordering;
 
 use crate::backend;
-use crate::context::{current_context, Context};
+use crate::context::{any_signal_context, current_context, Context};
 use crate::counters::{count, Event, COUNTING};
 use crate::hardened;
 use crate::list::{fits, read_next, Chain};
-use crate::percpu::{PerCpu, Push};
+use crate::percpu::{PerCpu, Pop, Push};
 use crate::size_class::Class;
 use crate::table::{CpuHead, Record, Site, Table, TaskWord};
 
@@ -50,9 +49,11 @@ use crate::table::{CpuHead, Record, Site, Table, TaskWord};
 pub(crate) fn alloc<P: PerCpu>(t: &Table, site: Site, zero: usize) -> *mut u8 {
     let pop = P::pop(t, site);
     if pop.block.is_null() {
-        return alloc_refused::<P>(t, site, pop.record, zero != 0);
+        // One call site for every case but the hit, so that a copy of this
+        // inlined into a caller's loop stays small.
+        return alloc_refused::<P>(site, zero != 0, pop.plain_miss, pop.at(), t);
     }
-    count(t, pop.record, Event::Hit);
+    count(t, pop.record(), Event::Hit);
     hardened::on_slot_alloc(pop.block, site.class().size());
     if zero != 0 {
         // SAFETY: a cached block of this class holds at least `zero` bytes
@@ -70,10 +71,21 @@ pub(crate) fn alloc<P: PerCpu>(t: &Table, site: Site, zero: usize) -> *mut u8 {
 /// used.
 #[inline(always)]
 pub(crate) unsafe fn free<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
-    if current_context() == Context::Signal {
+    if any_signal_context() {
         // SAFETY: our caller's block of the class.
-        return unsafe { free_in_signal::<P>(t, site.class(), block) };
+        return unsafe { free_in_some_context::<P>(block, site, t) };
     }
+    // SAFETY: as above; no thread is in signal context, this one included.
+    unsafe { free_in_task::<P>(t, site, block) }
+}
+
+/// free(block, class) in task context: rule 2 here, the others out of
+/// line.
+///
+/// # Safety
+/// As [`free`], in task context.
+#[inline(always)]
+unsafe fn free_in_task<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
     hardened::on_free(block, site.class().size());
     // SAFETY: our caller's block; the push takes it only on `Done`.
     match unsafe { P::push(t, site, block) } {
@@ -82,31 +94,52 @@ pub(crate) unsafe fn free<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
                 count(t, here::<P>(t, site.class()), Event::FreeTask);
             }
         }
-        // SAFETY: refused, so still our caller's block.
-        Push::Refused => unsafe { free_refused::<P>(t, site, block) },
-        // SAFETY: as above.
-        Push::Busy => unsafe { free_busy::<P>(t, site.class(), block) },
+        // SAFETY: refused, so still our caller's block. One call site for
+        // every refusal, as in `alloc`.
+        refusal => unsafe { free_refused::<P>(block, site, t, refusal) },
     }
 }
 
-/// Rules 1 and 3 of alloc, after rule 2 found no slot to pop. The usual
-/// case, a task list with nothing to splice and no deferred blocks, is a
-/// few loads and a jump to jemalloc; everything else is [`refill`].
+/// A free while some thread is in signal context: this one, or another.
+///
+/// # Safety
+/// As [`free`].
 #[cold]
 #[inline(never)]
-fn alloc_refused<P: PerCpu>(t: &Table, site: Site, rec: Option<&Record>, zeroed: bool) -> *mut u8 {
-    let class = site.class();
-    match rec {
-        Some(rec)
-            if rec.task.load() == TaskWord::EMPTY
-                && rec.sig.len() < t.header().threshold
-                && t.head_of(rec, site.rec_off).deferred.word().is_empty() =>
-        {
-            count(t, Some(rec), Event::Miss);
-            fresh(class, zeroed)
+unsafe fn free_in_some_context<P: PerCpu>(block: *mut u8, site: Site, t: &Table) {
+    // SAFETY: our caller's block of the class, in the context checked.
+    unsafe {
+        match current_context() {
+            Context::Signal => free_in_signal::<P>(t, site.class(), block),
+            Context::Task | Context::Other => free_in_task::<P>(t, site, block),
         }
+    }
+}
+
+/// Rules 1 and 3 of alloc, after rule 2 found no slot to pop. A plain
+/// miss (nothing to splice, nothing deferred) goes straight to jemalloc;
+/// otherwise there is no CPU, or signal-context frees left something (a
+/// signal list, a chain, deferred blocks), or a drain has the list.
+#[cold]
+#[inline(never)]
+fn alloc_refused<P: PerCpu>(
+    site: Site,
+    zeroed: bool,
+    plain: bool,
+    at: isize,
+    t: &Table,
+) -> *mut u8 {
+    // The pop's result comes in as scalars: as a struct it would go
+    // through memory.
+    let pop = Pop::new(ptr::null_mut(), at, plain);
+    if plain {
+        // 3. A miss with nothing else to do.
+        count(t, pop.record(), Event::Miss);
+        return fresh(site, zeroed);
+    }
+    match pop.record() {
         Some(rec) => refill::<P>(t, site, rec, zeroed),
-        None => alloc_other(t, class, zeroed),
+        None => alloc_other(t, site, zeroed),
     }
 }
 
@@ -120,7 +153,7 @@ fn refill<P: PerCpu>(t: &Table, site: Site, rec: &Record, zeroed: bool) -> *mut 
     let head = t.head_of(rec, site.rec_off);
     let (block, event) = take_cached::<P>(t, class, rec, head);
     if block.is_null() {
-        return miss(t, class, rec, head, zeroed);
+        return miss(t, site, rec, head, zeroed);
     }
     count(t, Some(rec), event);
     hardened::on_alloc(block, class.size());
@@ -173,30 +206,30 @@ fn splice<P: PerCpu>(t: &Table, class: Class, rec: &Record, head: &CpuHead) -> *
 
 /// Rule 3 of alloc: a fresh block from jemalloc, outside any critical
 /// section or slot. Task context first hands back the deferred blocks.
-fn miss(t: &Table, class: Class, rec: &Record, head: &CpuHead, zeroed: bool) -> *mut u8 {
+fn miss(t: &Table, site: Site, rec: &Record, head: &CpuHead, zeroed: bool) -> *mut u8 {
     count(t, Some(rec), Event::Miss);
     if current_context() == Context::Task {
         hand_back_deferred(head);
     }
-    fresh(class, zeroed)
+    fresh(site, zeroed)
 }
 
 /// An alloc with no usable CPU: other context, jemalloc.
 #[cold]
 #[inline(never)]
-fn alloc_other(t: &Table, class: Class, zeroed: bool) -> *mut u8 {
+fn alloc_other(t: &Table, site: Site, zeroed: bool) -> *mut u8 {
     count(t, None, Event::Miss);
-    fresh(class, zeroed)
+    fresh(site, zeroed)
 }
 
-/// A block of `class` straight from jemalloc, from its zeroing path if
-/// asked.
+/// A block of the site's class straight from jemalloc (which rounds the
+/// site's size up to that class), from its zeroing path if asked.
 #[inline(always)]
-fn fresh(class: Class, zeroed: bool) -> *mut u8 {
-    let block = backend::alloc_class(class, zeroed);
+fn fresh(site: Site, zeroed: bool) -> *mut u8 {
+    let block = backend::alloc_sized(site.size(), zeroed);
     if cfg!(feature = "hardened") && !block.is_null() {
         // jemalloc may hand back a block this cache once marked.
-        hardened::on_alloc(block, class.size());
+        hardened::on_alloc(block, site.class().size());
     }
     block
 }
@@ -214,22 +247,36 @@ fn hand_back_deferred(head: &CpuHead) {
     }
 }
 
-/// Rules 1 and 4 of free, after rule 2 found no slot to fill: the cap, no
-/// CPU, a chain, a drain, or a record not armed yet. The usual case past
-/// the cap, a list in slots with nothing deferred, is a few loads and a
-/// jump to jemalloc.
+/// Rules 1 and 4 of free, after rule 2 found no slot to fill. A plain
+/// overflow (a list in slots at the cap, nothing deferred) goes straight
+/// to jemalloc; otherwise there is no CPU, a chain, a drain, deferred
+/// blocks, or (fallback) a busy slot.
 ///
 /// # Safety
 /// As [`free`].
 #[cold]
 #[inline(never)]
-unsafe fn free_refused<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
+unsafe fn free_refused<P: PerCpu>(block: *mut u8, site: Site, t: &Table, why: Push) {
     let class = site.class();
+    match why {
+        Push::Overflow => {
+            // 1. Past the cap with nothing else to do.
+            if COUNTING {
+                let rec = here::<P>(t, class);
+                count(t, rec, Event::FreeTask);
+                count(t, rec, Event::Overflow);
+            }
+            // SAFETY: our caller's block, of the site's class.
+            return unsafe { backend::free_sized(block, site.size()) };
+        }
+        // SAFETY: our caller's block.
+        Push::Busy => return unsafe { free_busy::<P>(t, class, block) },
+        Push::Refused | Push::Done => {}
+    }
     match here::<P>(t, class) {
         Some(rec)
             if rec.task.load().in_chain().is_none()
-                && t.head_of(rec, site.rec_off).deferred.word().is_empty()
-                && rec.cap.load(Ordering::Relaxed) != 0 =>
+                && t.head_of(rec, site.rec_off).deferred.word().is_empty() =>
         {
             count(t, Some(rec), Event::FreeTask);
             count(t, Some(rec), Event::Overflow);
@@ -246,9 +293,8 @@ unsafe fn free_refused<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
     }
 }
 
-/// Rule 2 of free after all, once the record has its cap or onto a chain
-/// (the task list spliced earlier); else rule 1, an overflow, handing back
-/// deferred blocks first.
+/// Rule 2 of free onto a chain (the task list spliced earlier), else rule
+/// 1, an overflow, handing back deferred blocks first.
 ///
 /// # Safety
 /// As [`free`].
@@ -256,15 +302,6 @@ unsafe fn free_refused<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
 #[inline(never)]
 unsafe fn free_slowly<P: PerCpu>(t: &Table, site: Site, block: *mut u8, rec: &Record) {
     let class = site.class();
-    if t.arm(rec, class) {
-        // SAFETY: our caller's block; taken only on `Done`.
-        match unsafe { P::push(t, site, block) } {
-            Push::Done => return count(t, Some(rec), Event::FreeTask),
-            // SAFETY: refused, so still our caller's block.
-            Push::Busy => return unsafe { free_busy::<P>(t, class, block) },
-            Push::Refused => {}
-        }
-    }
     count(t, Some(rec), Event::FreeTask);
     // SAFETY: our caller's block, which fits a list word.
     if rec.task.load().in_chain().is_some()
@@ -346,11 +383,11 @@ pub(crate) fn alloc_cached<P: PerCpu>(t: &Table, site: Site) -> *mut u8 {
     let class = site.class();
     let pop = P::pop(t, site);
     if !pop.block.is_null() {
-        count(t, pop.record, Event::Hit);
+        count(t, pop.record(), Event::Hit);
         hardened::on_slot_alloc(pop.block, class.size());
         return pop.block;
     }
-    let Some(rec) = pop.record else {
+    let Some(rec) = pop.record() else {
         return ptr::null_mut();
     };
     let (block, event) = take_cached::<P>(t, class, rec, t.head_of(rec, site.rec_off));

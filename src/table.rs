@@ -4,7 +4,8 @@
 //! Table (page-aligned; the rseq sections read the parts marked *, and
 //! take the header's fields as operands)
 //! +0            Header        rseq_offset, size_limit, rec_off[class], caps[class], ...
-//! +BY_SIZE      by_size[size] u32: the record offset of each size's class, one load from size to record
+//! +BY_SIZE      *by_size[size] u32: the record offset of each size's class, one load from size to record
+//! +CAP_BY_SIZE  *cap_by_size[size] u64: the cap of each size's class, for the push to compare in place
 //! +BASES        *bases[ncpu]  each CPU's region, so a section finds it in one load
 //! +page         Region 0      CpuHead (the fallback's try-lock, the deferred list), then one Record per cached class
 //! ...           Region 1, ... each `region_size` bytes, page-aligned
@@ -12,8 +13,7 @@
 //! Record (one CPU, one class), at region + rec_off[class]
 //! +0   *task      TaskWord: how many blocks the slots hold, or a chain
 //! +8   *sig       the signal list (a ListWord, pushed lock-free)
-//! +16  *cap       the class's cap, copied here by the first refused push
-//! +24  (spare)
+//! +16  (spare)
 //! +32  counters   the `stats` feature's event counters (64 bytes), else absent
 //! +REC_HDR *slots[cap]  the task list's blocks, bottom first
 //! ```
@@ -189,12 +189,7 @@ pub(crate) struct Record {
     pub(crate) task: AtomicTaskWord,
     /// The signal list (kernel: `free_list_irq`, `nr_irq`).
     pub(crate) sig: AtomicList,
-    /// The class's cap, for the sections to compare in place. Zeroed
-    /// memory must stay a valid table, so it starts at 0 (every push
-    /// refused) and the first refused push copies it from the header
-    /// ([`Table::arm`]).
-    pub(crate) cap: AtomicU64,
-    _spare: u64,
+    _spare: [u64; 2],
     /// Event counters (the `stats` feature), indexed by
     /// [`Event`](crate::counters::Event).
     #[cfg(feature = "stats")]
@@ -209,8 +204,9 @@ const _: () = assert!(EVENTS * 8 <= 64);
 /// Offsets of the record's words, as the sections address them.
 pub(crate) const TASK_OFF: usize = core::mem::offset_of!(Record, task);
 pub(crate) const SIG_OFF: usize = core::mem::offset_of!(Record, sig);
-pub(crate) const CAP_OFF: usize = core::mem::offset_of!(Record, cap);
-const _: () = assert!(TASK_OFF == 0 && SIG_OFF == 8 && CAP_OFF == 16);
+/// Where a CPU's deferred list is in its region.
+pub(crate) const DEFERRED_OFF: usize = core::mem::offset_of!(CpuHead, deferred);
+const _: () = assert!(TASK_OFF == 0 && SIG_OFF == 8);
 
 impl Record {
     /// Slot `i` of this record.
@@ -244,10 +240,12 @@ pub(crate) struct CpuHead {
 /// Where the lookup by size starts: the header's room.
 const BY_SIZE: usize = 1024;
 const _: () = assert!(core::mem::size_of::<Header>() <= BY_SIZE);
-/// Entries of the lookup by size: every size up to the largest class.
+/// Entries of the lookups by size: every size up to the largest class.
 const BY_SIZE_LEN: usize = MAX_CACHEABLE_SIZE + 1;
+/// Where the caps by size start.
+pub(crate) const CAP_BY_SIZE: usize = (BY_SIZE + 4 * BY_SIZE_LEN).next_multiple_of(64);
 /// Where the bases start.
-pub(crate) const BASES: usize = (BY_SIZE + 4 * BY_SIZE_LEN).next_multiple_of(64);
+pub(crate) const BASES: usize = (CAP_BY_SIZE + 8 * BY_SIZE_LEN).next_multiple_of(64);
 const PAGE: usize = 4096;
 
 /// Tables never cover more CPUs than this (Linux's `NR_CPUS` maximum).
@@ -294,15 +292,47 @@ pub(crate) struct Header {
 #[repr(transparent)]
 pub(crate) struct Table(Header);
 
+/// The table an allocator points at before its own is made: its size
+/// limit of 0 sends every request to the out-of-line paths, which make the
+/// real one. Pointing at it instead of at null spares each hot path a null
+/// test; nothing but the header's first words is ever read from it.
+pub(crate) static UNMADE: Table = Table(Header {
+    rseq_offset: 0,
+    size_limit: 0,
+    max_size: 0,
+    rec_off: [0; NUM_CLASSES],
+    caps: [0; NUM_CLASSES],
+    ncpu: 0,
+    threshold: 0,
+    classes: 0,
+    path: Path::Rseq,
+    region_size: 0,
+    len: 0,
+    config: Config::new(),
+    no_cpu: AtomicU64::new(0),
+});
+
+impl Table {
+    /// [`UNMADE`] as the allocator stores it.
+    #[inline(always)]
+    pub(crate) const fn unmade() -> *mut Table {
+        &raw const UNMADE as *mut Table
+    }
+}
+
 /// A request the cache serves, as the hot paths carry it: where its
 /// class's record sits in every CPU's region, and the size it is served
 /// with, from which the out-of-line paths recover the class.
+///
+/// The size comes first, and the layout is C's, so that a site passed on
+/// keeps the size in the register the request's size arrived in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
 pub(crate) struct Site {
-    /// The record's offset in a CPU's region.
-    pub(crate) rec_off: usize,
     /// A size of the class.
     size: usize,
+    /// The record's offset in a CPU's region.
+    pub(crate) rec_off: usize,
 }
 
 impl Site {
@@ -310,6 +340,20 @@ impl Site {
     #[inline(always)]
     pub(crate) fn class(self) -> Class {
         lookup(self.size)
+    }
+
+    /// A size of the class, non-zero: jemalloc serves and frees it as a
+    /// block of the class.
+    #[inline(always)]
+    pub(crate) fn size(self) -> usize {
+        self.size.max(1)
+    }
+
+    /// The size as the lookups by size index it (below the table's size
+    /// limit, so in range).
+    #[inline(always)]
+    pub(crate) fn served(self) -> usize {
+        self.size
     }
 }
 
@@ -404,10 +448,11 @@ impl Table {
         unsafe {
             (base as *mut Header).write(header);
             let by_size = base.add(BY_SIZE) as *mut u32;
+            let cap_by_size = base.add(CAP_BY_SIZE) as *mut u64;
             for size in 0..header_limit(&g, config) {
-                by_size
-                    .add(size)
-                    .write(g.rec_off[lookup(served_size(size)).index()] as u32);
+                let class = lookup(served_size(size)).index();
+                by_size.add(size).write(g.rec_off[class] as u32);
+                cap_by_size.add(size).write(g.caps[class]);
             }
             let bases = base.add(BASES) as *mut *mut u8;
             for cpu in 0..ncpu {
@@ -516,18 +561,6 @@ impl Table {
         // SAFETY: a record at `rec_off` of a region is `rec_off` bytes past
         // the region's start, where its `CpuHead` is.
         unsafe { &*((rec as *const Record as *const u8).sub(rec_off) as *const CpuHead) }
-    }
-
-    /// Copies `class`'s cap into `rec`, where the push sections compare
-    /// it; true if that changed anything (the caller retries its push).
-    #[inline]
-    pub(crate) fn arm(&self, rec: &Record, class: Class) -> bool {
-        let cap = self.0.caps[class.index()];
-        if cap == 0 || rec.cap.load(Ordering::Relaxed) == cap {
-            return false;
-        }
-        rec.cap.store(cap, Ordering::Relaxed);
-        true
     }
 
     /// The cap of `class` (0 for a class not cached).

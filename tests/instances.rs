@@ -373,3 +373,22 @@ fn dropping_an_instance_gives_its_blocks_back() {
         grown >> 20
     );
 }
+
+/// An allocator made in a `const` (copied wherever it is used) works like
+/// one made in a `static`: each copy makes its own table on first use.
+#[test]
+fn an_allocator_from_a_const_item() {
+    use std::alloc::GlobalAlloc;
+    const MADE: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().read_env(false));
+    let a = MADE;
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    // SAFETY: a valid layout; the block is freed with the same one.
+    unsafe {
+        let p = a.alloc(layout);
+        assert!(!p.is_null());
+        p.write_bytes(0xa5, 64);
+        a.dealloc(p, layout);
+    }
+    assert!(a.cpus() >= 1);
+    assert!(a.cached_bytes() <= 64);
+}

@@ -28,6 +28,7 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestError, TestRunner};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
 
 /// At most this many CPUs (the machine has at least two, which a drain's
 /// fence needs) and classes, so that lists get long enough to reach the
