@@ -9,8 +9,14 @@
 //! cargo build --release --example workloads                            # system malloc
 //! cargo build --release --example workloads --features bench-jemalloc  # tikv-jemallocator
 //! cargo build --release --example workloads --features bench-mimalloc  # mimalloc
-//! cargo build --release --example workloads --features global          # percpu_alloc::GLOBAL
+//! cargo build --release --example workloads --features bench-percpu    # PerCpuAlloc
 //! ```
+//!
+//! The percpu build declares its `#[global_allocator]` here, as the README
+//! shows an application doing, so that rustc can inline the hot path into
+//! this crate's callers as it would into an application's. (The crate's
+//! own `global` feature installs the same allocator from inside the
+//! library; a program's calls then reach it through `__rust_alloc`.)
 //!
 //! The percpu build runs on the rseq path where glibc registered rseq; run
 //! it with `GLIBC_TUNABLES=glibc.pthread.rseq=0` for the try-lock fallback.
@@ -26,7 +32,16 @@
 //! Workloads (and their keys): `prodcons` (pairs, blocks), `scaling`
 //! (threads, ops), `many_threads` (threads, hold, steps), `json` (file or
 //! none for a generated document, iters, records), `binary_trees` (depth,
-//! threads), `btree` (ops), `vec_box` (ops), `strings` (ops).
+//! threads), `btree` (ops), `vec_box` (ops), `strings` (ops), `pair` (ops,
+//! size = 16, 64 or 256, init = `zeroed` for `Box::new([0; size])` or
+//! `none` for `Box::new_uninit`), `batch` (live, ops, sizes = `mixed` or a
+//! byte count, order = `random`, `lifo` or `fifo`).
+//!
+//! `pair` and `batch` are the in-process micro kernels of the report
+//! (`examples/support/micro.rs`) as a program writes them, so that the
+//! allocator is reached through `__rust_alloc` and inlined as it is in
+//! any Rust binary. Their timed loops allocate nothing but the blocks
+//! they measure, and `ops` counts alloc+free pairs.
 //!
 //! Each one checks its own result (checksums, block patterns) and fails
 //! loudly rather than report a time for wrong work. The last line of
@@ -44,14 +59,19 @@
 //! jemalloc serves the program (jemalloc, percpu); `cached` is what the
 //! per-CPU caches held then (percpu only); `-` where a field does not apply.
 
-#[cfg(all(feature = "global", feature = "bench-jemalloc"))]
-compile_error!("pick one allocator: the features global and bench-jemalloc exclude each other");
-#[cfg(all(feature = "global", feature = "bench-mimalloc"))]
-compile_error!("pick one allocator: the features global and bench-mimalloc exclude each other");
-#[cfg(all(feature = "bench-jemalloc", feature = "bench-mimalloc"))]
-compile_error!(
-    "pick one allocator: the features bench-jemalloc and bench-mimalloc exclude each other"
-);
+#[cfg(any(
+    all(feature = "bench-percpu", feature = "bench-jemalloc"),
+    all(feature = "bench-percpu", feature = "bench-mimalloc"),
+    all(feature = "bench-jemalloc", feature = "bench-mimalloc"),
+    all(feature = "global", feature = "bench-jemalloc"),
+    all(feature = "global", feature = "bench-mimalloc"),
+    all(feature = "global", feature = "bench-percpu"),
+))]
+compile_error!("pick one allocator: global, bench-percpu, bench-jemalloc and bench-mimalloc exclude each other");
+
+#[cfg(feature = "bench-percpu")]
+#[global_allocator]
+static ALLOC: percpu_alloc::PerCpuAlloc = percpu_alloc::PerCpuAlloc::new();
 
 #[cfg(feature = "bench-jemalloc")]
 #[global_allocator]
@@ -62,14 +82,16 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::{BTreeMap, HashMap};
+use std::hint::black_box;
 use std::process::ExitCode;
 use std::sync::{mpsc, Barrier};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The allocator this build serves with; with the feature `global` the
-/// library installed `percpu_alloc::GLOBAL` and this example declares none.
-const ALLOCATOR: &str = if cfg!(feature = "global") {
+/// library installed `percpu_alloc::GLOBAL`, with `bench-percpu` this
+/// example installed `ALLOC`.
+const ALLOCATOR: &str = if cfg!(any(feature = "global", feature = "bench-percpu")) {
     "percpu"
 } else if cfg!(feature = "bench-jemalloc") {
     "jemalloc"
@@ -79,32 +101,32 @@ const ALLOCATOR: &str = if cfg!(feature = "global") {
     "system"
 };
 
+/// The percpu allocator serving this process, in a percpu build.
+fn percpu() -> Option<&'static percpu_alloc::PerCpuAlloc> {
+    #[cfg(feature = "global")]
+    return Some(&percpu_alloc::GLOBAL);
+    #[cfg(feature = "bench-percpu")]
+    return Some(&ALLOC);
+    #[cfg(not(any(feature = "global", feature = "bench-percpu")))]
+    None
+}
+
 /// The per-CPU path that serves this process, for the percpu build.
-#[cfg(feature = "global")]
 fn path() -> Option<String> {
-    Some(percpu_alloc::GLOBAL.path().to_string())
+    percpu().map(|a| a.path().to_string())
 }
 
-#[cfg(not(feature = "global"))]
-fn path() -> Option<String> {
-    None
-}
-
-#[cfg(feature = "global")]
 fn cached_bytes() -> Option<usize> {
-    Some(percpu_alloc::GLOBAL.cached_bytes())
-}
-
-#[cfg(not(feature = "global"))]
-fn cached_bytes() -> Option<usize> {
-    None
+    percpu().map(|a| a.cached_bytes())
 }
 
 /// jemalloc's own view of the heap, where jemalloc is the backend; its
 /// counters are cached per thread and summed on an epoch advance, so the
 /// epoch moves first.
 fn jemalloc_stats() -> Option<(usize, usize)> {
-    if !(cfg!(feature = "global") || cfg!(feature = "bench-jemalloc")) {
+    if !(cfg!(any(feature = "global", feature = "bench-percpu"))
+        || cfg!(feature = "bench-jemalloc"))
+    {
         return None;
     }
     tikv_jemalloc_ctl::epoch::advance().ok()?;
@@ -167,7 +189,7 @@ fn filled(len: usize) -> Box<[u8]> {
 
 fn check_filled(b: &[u8]) -> bool {
     let tag = b.len() as u8;
-    b.first().map_or(true, |&x| x == tag) && b.last().map_or(true, |&x| x == tag)
+    b.first().is_none_or(|&x| x == tag) && b.last().is_none_or(|&x| x == tag)
 }
 
 /// What a workload hands back: operations done and a checksum of its
@@ -175,6 +197,9 @@ fn check_filled(b: &[u8]) -> bool {
 struct Done {
     ops: u64,
     check: u64,
+    /// The time of the measured loop where the workload has setup of its
+    /// own to leave out; otherwise the whole call is timed.
+    timed: Option<Duration>,
 }
 
 type Params = HashMap<String, String>;
@@ -240,6 +265,7 @@ fn prodcons(pairs: usize, blocks: usize) -> Result<Done, String> {
     Ok(Done {
         ops: (pairs * batches * BATCH) as u64,
         check,
+        timed: None,
     })
 }
 
@@ -283,6 +309,7 @@ fn scaling(threads: usize, ops: usize) -> Result<Done, String> {
     Ok(Done {
         ops: (threads * ops) as u64,
         check,
+        timed: None,
     })
 }
 
@@ -322,6 +349,7 @@ fn many_threads(threads: usize, hold: usize, steps: usize) -> Result<Done, Strin
     Ok(Done {
         ops: (threads * (hold + steps)) as u64,
         check,
+        timed: None,
     })
 }
 
@@ -389,6 +417,7 @@ fn json(text: &str, iters: usize) -> Result<Done, String> {
     Ok(Done {
         ops: iters as u64,
         check,
+        timed: None,
     })
 }
 
@@ -450,6 +479,7 @@ fn binary_trees(max_depth: u32, threads: usize) -> Result<Done, String> {
     Ok(Done {
         ops: total + long,
         check: total + long,
+        timed: None,
     })
 }
 
@@ -487,6 +517,7 @@ fn btree(ops: usize) -> Result<Done, String> {
     Ok(Done {
         ops: ops as u64,
         check: (map.len() + held) as u64,
+        timed: None,
     })
 }
 
@@ -520,6 +551,7 @@ fn vec_box(ops: usize) -> Result<Done, String> {
     Ok(Done {
         ops: ops as u64,
         check: freed + kept,
+        timed: None,
     })
 }
 
@@ -560,10 +592,204 @@ fn strings(ops: usize) -> Result<Done, String> {
     Ok(Done {
         ops: ops as u64,
         check: total,
+        timed: None,
+    })
+}
+
+/// One `Box<[u8; SIZE]>` made and dropped `ops` times, the layout a
+/// constant as for any `Box<T>`. The block is read back through
+/// `black_box`, so neither the allocation nor the reads can be folded
+/// away; its first and last bytes must be the zeros `Box::new` wrote (or
+/// `alloc_zeroed` promised, where the compiler fused the two), which
+/// catches a cache that hands out a block still holding its list link.
+#[inline(never)]
+fn pair_const<const SIZE: usize>(ops: usize) -> Result<Done, String> {
+    let start = Instant::now();
+    let mut dirty = 0u64;
+    for _ in 0..ops {
+        let b = Box::new([0u8; SIZE]);
+        let seen = black_box(&b);
+        dirty += u64::from(seen[0] | seen[SIZE - 1] != 0);
+        drop(b);
+    }
+    let timed = start.elapsed();
+    if dirty != 0 {
+        return Err(format!(
+            "{dirty} of {ops} blocks of {SIZE} bytes were not zeroed"
+        ));
+    }
+    Ok(Done {
+        ops: ops as u64,
+        check: (ops * SIZE) as u64,
+        timed: Some(timed),
+    })
+}
+
+/// One `Box<[u8; SIZE]>` made uninitialised (`Box::new_uninit`) and
+/// dropped `ops` times: the alloc and the free alone, with no stores into
+/// the block to share the loop's store bandwidth. A byte is written and
+/// read back through `black_box`, so the block must be real memory.
+#[inline(never)]
+fn pair_uninit_const<const SIZE: usize>(ops: usize) -> Result<Done, String> {
+    let start = Instant::now();
+    let mut wrong = 0u64;
+    for i in 0..ops {
+        let mut b = Box::<[u8; SIZE]>::new_uninit();
+        let p = b.as_mut_ptr() as *mut u8;
+        // SAFETY: the box holds SIZE >= 1 bytes; the byte is written
+        // before it is read.
+        let seen = unsafe {
+            p.write(i as u8);
+            black_box(p).read()
+        };
+        wrong += u64::from(seen != i as u8);
+        drop(black_box(b));
+    }
+    let timed = start.elapsed();
+    if wrong != 0 {
+        return Err(format!(
+            "{wrong} of {ops} blocks of {SIZE} bytes read back wrong"
+        ));
+    }
+    Ok(Done {
+        ops: ops as u64,
+        check: (ops * SIZE) as u64,
+        timed: Some(timed),
+    })
+}
+
+fn pair(size: usize, ops: usize, zeroed: bool) -> Result<Done, String> {
+    match (size, zeroed) {
+        (16, true) => pair_const::<16>(ops),
+        (64, true) => pair_const::<64>(ops),
+        (256, true) => pair_const::<256>(ops),
+        (16, false) => pair_uninit_const::<16>(ops),
+        (64, false) => pair_uninit_const::<64>(ops),
+        (256, false) => pair_uninit_const::<256>(ops),
+        _ => Err(format!("pair: size={size} is not one of 16, 64, 256")),
+    }
+}
+
+/// The order a batch is freed in.
+#[derive(Clone, Copy)]
+enum FreeOrder {
+    Random,
+    Lifo,
+    Fifo,
+}
+
+/// A tag per block and round, so that a block handed out twice, or one
+/// left over from an earlier round, shows as a wrong pattern.
+fn batch_tag(block: usize, round: usize) -> u8 {
+    (block.wrapping_mul(31) ^ round) as u8
+}
+
+/// Writes `tag` into the first and last byte of the `len` bytes reserved
+/// by `v`, leaving the rest untouched (and `v` empty) as a program that
+/// fills a buffer only partly would.
+fn mark(v: &mut Vec<u8>, len: usize, tag: u8) {
+    let spare = v.spare_capacity_mut();
+    spare[0].write(tag);
+    spare[len - 1].write(tag);
+}
+
+/// Whether the bytes `mark` wrote are still there. Takes the `Vec`, not a
+/// slice: its (empty) slice would give a pointer valid for no bytes.
+///
+/// # Safety
+///
+/// `mark(v, len, _)` was called on `v` and `v` was not changed since, so
+/// its bytes 0 and `len - 1` are initialised.
+unsafe fn marked(v: &Vec<u8>, len: usize, tag: u8) -> bool {
+    if len == 0 || v.capacity() < len {
+        return false;
+    }
+    let p = v.as_ptr();
+    // SAFETY: `p` is the start of `v`'s live allocation of at least `len`
+    // bytes (checked above), and the caller promises bytes 0 and
+    // `len - 1` were initialised.
+    unsafe { p.read() == tag && p.add(len - 1).read() == tag }
+}
+
+/// Rounds of: allocate `live` buffers with `Vec::<u8>::with_capacity`
+/// (`size` bytes each, or for `None` 8..=256 bytes spread over the small
+/// classes), mark each, then check and free them all in `order`. The
+/// sizes, the order and the holder are made before the clock starts, so
+/// the timed loop allocates only the buffers.
+fn batch(live: usize, ops: usize, size: Option<usize>, order: FreeOrder) -> Result<Done, String> {
+    if live == 0 || size == Some(0) {
+        return Err("batch: live and sizes must be at least 1".into());
+    }
+    let rounds = ops / live;
+    if rounds == 0 {
+        return Err(format!("batch: ops={ops} is less than live={live}"));
+    }
+    // 37 and 249 are coprime: every run of 249 blocks takes each size of
+    // 8..=256 once, and neighbours fall in different classes.
+    let sizes: Vec<usize> = (0..live)
+        .map(|i| size.unwrap_or(8 + (i * 37) % 249))
+        .collect();
+    let mut free_order: Vec<usize> = (0..live).collect();
+    match order {
+        FreeOrder::Fifo => {}
+        FreeOrder::Lifo => free_order.reverse(),
+        FreeOrder::Random => {
+            let mut rng = Rng(0x5EED_7000);
+            for i in (1..live).rev() {
+                free_order.swap(i, rng.below(i + 1));
+            }
+        }
+    }
+    let mut held: Vec<Vec<u8>> = (0..live).map(|_| Vec::new()).collect();
+    let (mut bad, mut bytes) = (0u64, 0u64);
+    let start = Instant::now();
+    for round in 0..rounds {
+        for (i, (slot, &len)) in held.iter_mut().zip(&sizes).enumerate() {
+            let mut v = Vec::with_capacity(len);
+            mark(&mut v, len, batch_tag(i, round));
+            *slot = v;
+        }
+        for &i in &free_order {
+            let v = std::mem::take(&mut held[i]);
+            // SAFETY: the loop above marked every held buffer with its
+            // size, and nothing touched them since.
+            bad += u64::from(!unsafe { marked(&v, sizes[i], batch_tag(i, round)) });
+            bytes += v.capacity() as u64;
+        }
+    }
+    let timed = start.elapsed();
+    if bad != 0 {
+        return Err(format!("{bad} blocks were overwritten"));
+    }
+    let expected = rounds as u64 * sizes.iter().map(|&s| s as u64).sum::<u64>();
+    if bytes != expected {
+        return Err(format!("freed {bytes} bytes, expected {expected}"));
+    }
+    Ok(Done {
+        ops: (rounds * live) as u64,
+        check: bytes,
+        timed: Some(timed),
     })
 }
 
 // ---------------------------------------------------------------------------
+
+/// `sizes=mixed` (the default) or one size in bytes.
+fn batch_sizes(params: &Params) -> Result<Option<usize>, String> {
+    match params.get("sizes").map(String::as_str) {
+        None | Some("mixed") => Ok(None),
+        Some(_) => param(params, "sizes", 0).map(Some),
+    }
+}
+
+fn free_order(params: &Params) -> Result<FreeOrder, String> {
+    match params.get("order").map(String::as_str) {
+        None | Some("random") => Ok(FreeOrder::Random),
+        Some("lifo") => Ok(FreeOrder::Lifo),
+        Some("fifo") => Ok(FreeOrder::Fifo),
+        Some(other) => Err(format!("order={other:?} is not one of random, lifo, fifo")),
+    }
+}
 
 fn run(workload: &str, params: &Params) -> Result<(), String> {
     let threads_default = thread::available_parallelism().map_or(2, |n| n.get());
@@ -614,9 +840,25 @@ fn run(workload: &str, params: &Params) -> Result<(), String> {
         "btree" => btree(param(params, "ops", 300_000)?),
         "vec_box" => vec_box(param(params, "ops", 3_000_000)?),
         "strings" => strings(param(params, "ops", 90_000)?),
+        "pair" => pair(
+            param(params, "size", 64)?,
+            param(params, "ops", 100_000_000)?,
+            match params.get("init").map(String::as_str) {
+                None | Some("zeroed") => true,
+                Some("none") => false,
+                Some(other) => return Err(format!("pair: init={other} is not zeroed or none")),
+            },
+        ),
+        "batch" => batch(
+            param(params, "live", 100)?,
+            param(params, "ops", 20_000_000)?,
+            batch_sizes(params)?,
+            free_order(params)?,
+        ),
         other => return Err(format!("unknown workload {other:?}")),
     }?;
-    let ns = start.elapsed().as_nanos();
+    let elapsed = start.elapsed();
+    let ns = done.timed.unwrap_or(elapsed).as_nanos();
     let maxrss_kib = peak_rss_kib();
     let hwm_kib = peak_hwm_kib().map_or_else(|| "-".into(), |k| k.to_string());
     let (je_allocated, je_resident) = match jemalloc_stats() {
