@@ -2,9 +2,10 @@
 //! jemalloc.
 //!
 //! The path is chosen once, when the table is made, by which of two
-//! pointers holds it: every call reads the rseq one first, and on the rseq
-//! path that one load and test are all the dispatch there is. The
-//! fallback and the table's making are out of line.
+//! pointers holds it. Every call reads the rseq one first, which until then
+//! (and for good on the fallback path) points at a table that caches
+//! nothing, so the size check every request makes anyway is all the
+//! dispatch there is. The fallback and the table's making are out of line.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
