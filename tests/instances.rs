@@ -379,6 +379,8 @@ fn dropping_an_instance_gives_its_blocks_back() {
 #[test]
 fn an_allocator_from_a_const_item() {
     use std::alloc::GlobalAlloc;
+    // What clippy warns of is the point: a const copied into each use.
+    #[allow(clippy::declare_interior_mutable_const)]
     const MADE: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().read_env(false));
     let a = MADE;
     let layout = Layout::from_size_align(64, 8).unwrap();
