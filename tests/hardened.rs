@@ -173,6 +173,47 @@ fn double_free_fallback() {
     expect_abort("double_free_fallback", "double free of cached block");
 }
 
+/// A block freed in signal context on top of another (so linked on the
+/// signal list, its first word a link to that one, not the empty link)
+/// and then freed again in task context.
+fn double_free_listed(fallback: bool) {
+    let a = instance(fallback);
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    // SAFETY: a valid layout. The second free of `p` is the bug under test.
+    unsafe {
+        let (p, q) = (a.alloc(layout), a.alloc(layout));
+        let signal = enter_signal_context();
+        a.dealloc(q, layout);
+        a.dealloc(p, layout);
+        drop(signal);
+        a.dealloc(p, layout);
+    }
+}
+
+#[test]
+fn double_free_of_a_listed_block_rseq() {
+    if in_child() {
+        double_free_listed(false);
+        return;
+    }
+    expect_abort(
+        "double_free_of_a_listed_block_rseq",
+        "double free of cached block",
+    );
+}
+
+#[test]
+fn double_free_of_a_listed_block_fallback() {
+    if in_child() {
+        double_free_listed(true);
+        return;
+    }
+    expect_abort(
+        "double_free_of_a_listed_block_fallback",
+        "double free of cached block",
+    );
+}
+
 #[test]
 fn a_freed_and_reallocated_block_frees_once_without_complaint() {
     // The mark must not outlive the cache: a block allocated again and
