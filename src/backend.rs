@@ -8,8 +8,6 @@
 use core::ffi::{c_int, c_void};
 use tikv_jemalloc_sys as je;
 
-use crate::size_class::Class;
-
 /// Alignment that jemalloc gives every allocation of at least this size
 /// without being asked (its quantum on x86_64 and aarch64).
 const QUANTUM: usize = 16;
@@ -39,7 +37,9 @@ pub(crate) fn alloc_sized(size: usize, zeroed: bool) -> *mut u8 {
     }
 }
 
-/// Returns a block that [`alloc_sized`] made for a size of the same class.
+/// Returns a block of the class of `size` (`sdallocx` without flags has a
+/// fast path): one that [`alloc_sized`] made for a size of that class,
+/// possibly through the cache.
 ///
 /// # Safety
 /// `block` is a live jemalloc block of the class of `size`, no longer used.
@@ -47,18 +47,6 @@ pub(crate) fn alloc_sized(size: usize, zeroed: bool) -> *mut u8 {
 pub(crate) unsafe fn free_sized(block: *mut u8, size: usize) {
     // SAFETY: the caller's contract; jemalloc only needs the size's class.
     unsafe { je::sdallocx(block as *mut c_void, size, 0) }
-}
-
-/// Returns a block of `class` to jemalloc (`sdallocx` without flags has a
-/// fast path).
-///
-/// # Safety
-/// `block` came from [`alloc_class`] with the same class (possibly through
-/// the cache) and is no longer used.
-#[inline]
-pub(crate) unsafe fn free_class(block: *mut u8, class: Class) {
-    // SAFETY: the caller's contract; the size is the one allocated.
-    unsafe { je::sdallocx(block as *mut c_void, class.size(), 0) }
 }
 
 /// Returns a block whose class is not known here (a deferred return).
@@ -77,7 +65,7 @@ pub(crate) fn alloc(size: usize, align: usize, zeroed: bool) -> *mut u8 {
     let flags = flags(size, align);
     // SAFETY: `size` is non-zero and `align` a power of two (a `Layout`'s);
     // jemalloc returns null for what it cannot serve. Without flags, the
-    // calls with a fast path (see `alloc_class`).
+    // calls with a fast path (see `alloc_sized`).
     unsafe {
         match (flags, zeroed) {
             (0, false) => je::malloc(size) as *mut u8,

@@ -124,7 +124,7 @@ fn free_one(block: *mut u8, class: Class, report: &mut TrimReport) {
     report.bytes += class.size();
     // SAFETY: a cached block of `class` is a live jemalloc block of that
     // class size that nobody uses.
-    unsafe { backend::free_class(block, class) };
+    unsafe { backend::free_sized(block, class.size()) };
 }
 
 /// The fallback path: the task list of one class under the CPU's slot, a

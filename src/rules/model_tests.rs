@@ -306,7 +306,7 @@ impl Drop for Engine {
         fake::set_cpu(None);
         for &(b, class) in &self.held {
             // SAFETY: the test's own blocks, from jemalloc, of this class.
-            unsafe { crate::backend::free_class(b as *mut u8, self.class(class)) };
+            unsafe { crate::backend::free_sized(b as *mut u8, self.class(class).size()) };
         }
         // SAFETY: nothing else uses the table.
         unsafe {
