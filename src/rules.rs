@@ -274,21 +274,12 @@ unsafe fn free_refused<P: PerCpu>(block: *mut u8, site: Site, t: &Table, why: Pu
         Push::Refused | Push::Done => {}
     }
     match here::<P>(t, class) {
-        Some(rec)
-            if rec.task.load().in_chain().is_none()
-                && t.head_of(rec, site.rec_off).deferred.word().is_empty() =>
-        {
-            count(t, Some(rec), Event::FreeTask);
-            count(t, Some(rec), Event::Overflow);
-            // SAFETY: our caller's block of `class`.
-            unsafe { backend::free_class(block, class) }
-        }
-        // SAFETY: as above.
+        // SAFETY: our caller's block of `class`.
         Some(rec) => unsafe { free_slowly::<P>(t, site, block, rec) },
         None => {
             count(t, None, Event::FreeOther);
             // SAFETY: as above.
-            unsafe { backend::free_class(block, class) }
+            unsafe { backend::free_sized(block, class.size()) }
         }
     }
 }
@@ -313,7 +304,7 @@ unsafe fn free_slowly<P: PerCpu>(t: &Table, site: Site, block: *mut u8, rec: &Re
     count(t, Some(rec), Event::Overflow);
     hand_back_deferred(t.head_of(rec, site.rec_off));
     // SAFETY: refused, so still our caller's block of `class`.
-    unsafe { backend::free_class(block, class) }
+    unsafe { backend::free_sized(block, class.size()) }
 }
 
 /// A task-context free that found the CPU's slot busy (fallback): the
