@@ -56,24 +56,24 @@ unsafe impl PerCpu for Locked {
         let Some(cpu) = current_cpu(t.header().ncpu) else {
             return Pop::no_cpu();
         };
-        let block = locked(t, cpu, site.rec_off, |rec| {
+        let at = t.record_at(cpu, site.rec_off) as *const Record as isize;
+        let popped = locked(t, cpu, site.rec_off, |rec| {
             let w = rec.task.load();
             if !w.can_pop_slot() {
-                return core::ptr::null_mut();
+                let plain = w == TaskWord::EMPTY
+                    && rec.sig.word().is_empty()
+                    && t.cpu(cpu).deferred.word().is_empty();
+                return (core::ptr::null_mut(), plain);
             }
             let n = w.len() - 1;
             // SAFETY: slot `n` is below the list's length, so below the cap.
             let block = unsafe { rec.slot(n) }.load(Ordering::Relaxed);
             rec.task.store(TaskWord::slots(n));
-            block
+            (block, false)
         });
-        let rec = t.record_at(cpu, site.rec_off);
-        let block = block.unwrap_or(core::ptr::null_mut());
-        let plain_miss = block.is_null()
-            && rec.task.load() == TaskWord::EMPTY
-            && rec.sig.word().is_empty()
-            && t.cpu(cpu).deferred.word().is_empty();
-        Pop::new(block, rec as *const Record as isize, plain_miss)
+        // A busy slot: a miss, not a plain one.
+        let (block, plain_miss) = popped.unwrap_or((core::ptr::null_mut(), false));
+        Pop::new(block, at, plain_miss)
     }
 
     #[inline(always)]
