@@ -447,12 +447,10 @@ impl PerCpuAlloc {
         // SAFETY: `rseq` holds `UNMADE` or a published table, which lives
         // as long as `self`.
         let table = unsafe { &*self.rseq.load(Ordering::Acquire) };
-        if layout.align() <= 8 {
-            if let Some(site) = table.site(layout.size()) {
-                return rules::alloc::<Rseq>(table, site, if zeroed { layout.size() } else { 0 });
-            }
-        }
-        alloc_unserved(layout.size(), layout.align(), zeroed, self)
+        let (size, align) = (layout.size(), layout.align());
+        alloc_on::<Rseq>(size, align, zeroed, table, || {
+            alloc_unserved(size, align, zeroed, self)
+        })
     }
 }
 
@@ -478,7 +476,10 @@ fn alloc_elsewhere(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc)
     let table = alloc.locked.load(Ordering::Acquire);
     if !table.is_null() {
         // SAFETY: a published table lives as long as `alloc`.
-        return alloc_on::<Locked>(size, align, zeroed, unsafe { &*table });
+        let table = unsafe { &*table };
+        return alloc_on::<Locked>(size, align, zeroed, table, || {
+            alloc_uncommon::<Locked>(size, align, zeroed, table)
+        });
     }
     match alloc.make_table() {
         // SAFETY: `size` and `align` came from a `Layout`; the table is
@@ -490,15 +491,23 @@ fn alloc_elsewhere(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc)
     }
 }
 
-/// An alloc through `table`'s path `P`, as `alloc_impl` is for rseq.
+/// The inline half of an alloc through `table`'s path `P`: a cached size
+/// aligned to at most 8 goes to the rules, anything else to `other`, out
+/// of line.
 #[inline(always)]
-fn alloc_on<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Table) -> *mut u8 {
+fn alloc_on<P: PerCpu>(
+    size: usize,
+    align: usize,
+    zeroed: bool,
+    table: &Table,
+    other: impl FnOnce() -> *mut u8,
+) -> *mut u8 {
     if align <= 8 {
         if let Some(site) = table.site(size) {
             return rules::alloc::<P>(table, site, if zeroed { size } else { 0 });
         }
     }
-    alloc_uncommon::<P>(size, align, zeroed, table)
+    other()
 }
 
 /// A layout the inline path does not look up: aligned to more than 8
@@ -541,21 +550,34 @@ unsafe fn dealloc_unserved(ptr: *mut u8, size: usize, align: usize, alloc: &PerC
 unsafe fn dealloc_elsewhere(ptr: *mut u8, size: usize, align: usize, alloc: &PerCpuAlloc) {
     let table = alloc.locked.load(Ordering::Acquire);
     if !table.is_null() {
-        // SAFETY: a published table lives as long as `alloc`; forwarded
-        // contract.
-        return unsafe { dealloc_on::<Locked>(ptr, size, align, &*table) };
+        // SAFETY: a published table lives as long as `alloc`.
+        let table = unsafe { &*table };
+        // SAFETY: forwarded contract, for either half.
+        return unsafe {
+            dealloc_on::<Locked>(ptr, size, align, table, || {
+                dealloc_uncommon::<Locked>(ptr, size, align, table)
+            })
+        };
     }
     // SAFETY: with no table, `alloc` took every block from jemalloc with
     // this size and alignment.
     unsafe { backend::free(ptr, size.max(1), align) }
 }
 
-/// A free through `table`'s path `P`.
+/// The inline half of a free through `table`'s path `P`, as [`alloc_on`]:
+/// `other` takes what the rules do not.
 ///
 /// # Safety
-/// As `GlobalAlloc::dealloc`, for a block this allocator made with `table`.
+/// As `GlobalAlloc::dealloc`, for a block this allocator made with `table`;
+/// `other` frees `ptr` with this size and alignment.
 #[inline(always)]
-unsafe fn dealloc_on<P: PerCpu>(ptr: *mut u8, size: usize, align: usize, table: &Table) {
+unsafe fn dealloc_on<P: PerCpu>(
+    ptr: *mut u8,
+    size: usize,
+    align: usize,
+    table: &Table,
+    other: impl FnOnce(),
+) {
     if align <= 8 {
         if let Some(site) = table.site(size) {
             // SAFETY: `ptr` was allocated with this layout by this
@@ -563,8 +585,7 @@ unsafe fn dealloc_on<P: PerCpu>(ptr: *mut u8, size: usize, align: usize, table: 
             return unsafe { rules::free::<P>(table, site, ptr) };
         }
     }
-    // SAFETY: forwarded contract.
-    unsafe { dealloc_uncommon::<P>(ptr, size, align, table) }
+    other()
 }
 
 /// A free of a layout the inline path does not look up, as
@@ -640,15 +661,13 @@ unsafe impl GlobalAlloc for PerCpuAlloc {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: as in `alloc_impl`.
         let table = unsafe { &*self.rseq.load(Ordering::Acquire) };
-        if layout.align() <= 8 {
-            if let Some(site) = table.site(layout.size()) {
-                // SAFETY: `ptr` was allocated with `layout` by this
-                // allocator, so it is a block of the site's class.
-                return unsafe { rules::free::<Rseq>(table, site, ptr) };
-            }
+        let (size, align) = (layout.size(), layout.align());
+        // SAFETY: forwarded contract, for either half.
+        unsafe {
+            dealloc_on::<Rseq>(ptr, size, align, table, || {
+                dealloc_unserved(ptr, size, align, self)
+            })
         }
-        // SAFETY: forwarded contract.
-        unsafe { dealloc_unserved(ptr, layout.size(), layout.align(), self) }
     }
 
     #[inline]
