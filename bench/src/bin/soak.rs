@@ -3,10 +3,10 @@
 //! is corrupted, handed out twice or lost.
 //!
 //! ```text
-//! cargo run --release --example soak -- --seconds 60
-//! GLIBC_TUNABLES=glibc.pthread.rseq=0 cargo run --release --example soak -- --seconds 60
-//! cargo run --release --example soak -- --threads 8 --seconds 1800 --seed 7
-//! cargo run --release --example soak -- --no-signals --no-forks --no-migrate --no-churn
+//! cargo run --release -p percpu-bench --bin soak -- --seconds 60
+//! GLIBC_TUNABLES=glibc.pthread.rseq=0 cargo run --release -p percpu-bench --bin soak -- --seconds 60
+//! cargo run --release -p percpu-bench --bin soak -- --threads 8 --seconds 1800 --seed 7
+//! cargo run --release -p percpu-bench --bin soak -- --no-signals --no-forks --no-migrate --no-churn
 //! ```
 //!
 //! Workers allocate random sizes (every class and beyond, up to 256 KiB)

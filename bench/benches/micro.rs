@@ -5,12 +5,12 @@
 //! own global allocator (system malloc) only serves criterion.
 //!
 //! Criterion measures one allocator after another, so on a noisy host its
-//! ratios drift with the host; `cargo run --release --example report`
+//! ratios drift with the host; `cargo run --release -p percpu-bench --bin report`
 //! interleaves the same kernels and is the one to quote.
 //!
 //! ```text
-//! cargo bench --bench micro                 # everything, a couple of minutes
-//! cargo bench --bench micro -- hot_pair/64  # criterion's usual filter
+//! cargo bench -p percpu-bench --bench micro                 # everything, a couple of minutes
+//! cargo bench -p percpu-bench --bench micro -- hot_pair/64  # criterion's usual filter
 //! ```
 
 use std::time::Duration;
@@ -19,10 +19,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use percpu_alloc::{Config, Path, PerCpuAlloc};
 use tikv_jemallocator::Jemalloc;
 
-#[path = "../examples/support/micro.rs"]
-mod micro;
-
-use micro::{Batch, Growth, Order, BATCH_SIZES, PAIR_SIZES};
+use percpu_bench::micro::{self, Batch, Growth, Order, BATCH_SIZES, PAIR_SIZES};
 
 static SYSTEM: std::alloc::System = std::alloc::System;
 static JEMALLOC: Jemalloc = Jemalloc;

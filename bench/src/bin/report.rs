@@ -2,13 +2,13 @@
 //! mimalloc, same work, same run, as a Markdown report and two SVG charts.
 //!
 //! ```text
-//! cargo run --release --example report                  # quick mode (the default), a few minutes
-//! cargo run --release --example report -- --full        # more rounds, bigger workloads
-//! cargo run --release --example report -- --out DIR     # default target/percpu-report/
-//! cargo run --release --example report -- --json FILE   # add a JSON document (repeatable)
-//! cargo run --release --example report -- --rounds N    # rounds of the whole programs
-//! cargo run --release --example report -- --no-build     # reuse OUT/bin from an earlier run
-//! cargo run --release --example report -- --only batch   # only the matching whole programs (repeatable)
+//! cargo run --release -p percpu-bench --bin report                  # quick mode (the default), a few minutes
+//! cargo run --release -p percpu-bench --bin report -- --full        # more rounds, bigger workloads
+//! cargo run --release -p percpu-bench --bin report -- --out DIR     # default target/percpu-report/
+//! cargo run --release -p percpu-bench --bin report -- --json FILE   # add a JSON document (repeatable)
+//! cargo run --release -p percpu-bench --bin report -- --rounds N    # rounds of the whole programs
+//! cargo run --release -p percpu-bench --bin report -- --no-build     # reuse OUT/bin from an earlier run
+//! cargo run --release -p percpu-bench --bin report -- --only batch   # only the matching whole programs (repeatable)
 //! ```
 //!
 //! `--only SUBSTRING` keeps the whole-program cases whose label contains
@@ -18,9 +18,9 @@
 //!
 //! Three parts:
 //!
-//! 1. Builds `examples/workloads.rs` four times with nested
-//!    `cargo build --release --example workloads` (no feature: system
-//!    malloc; `bench-jemalloc`; `bench-mimalloc`; `bench-percpu`: percpu,
+//! 1. Builds `src/bin/workloads.rs` four times with nested
+//!    `cargo build --release -p percpu-bench --bin workloads` (no feature: system
+//!    malloc; `global-jemalloc`; `global-mimalloc`; `global-percpu`: percpu,
 //!    declared in the program as an application would) and
 //!    copies each binary to `OUT/bin/`, because cargo writes every build to
 //!    the same path.
@@ -57,10 +57,7 @@ use mimalloc::MiMalloc;
 use percpu_alloc::{Config, Path, PerCpuAlloc};
 use tikv_jemallocator::Jemalloc;
 
-#[path = "support/micro.rs"]
-mod micro;
-
-use micro::{Batch, Growth, Order, BATCH_SIZES, PAIR_SIZES};
+use percpu_bench::micro::{self, Batch, Growth, Order, BATCH_SIZES, PAIR_SIZES};
 
 static PERCPU: PerCpuAlloc = PerCpuAlloc::new();
 static FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
@@ -197,7 +194,6 @@ const USAGE: &str = "usage: report [--quick | --full] [--out DIR] [--rounds N] [
                matches the producer-consumer cases, 'N pairs')";
 
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
-    let manifest = FsPath::new(env!("CARGO_MANIFEST_DIR"));
     let mut full = false;
     let mut out = None;
     let mut rounds = None;
@@ -225,7 +221,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let corpora = manifest.join("../shared/data/json");
+    let corpora = repo_root().join("../shared/data/json");
     for name in ["canada.json", "citm_catalog.json", "twitter.json"] {
         let file = corpora.join(name);
         if file.is_file() {
@@ -244,16 +240,21 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
     }))
 }
 
+/// The repository: this package is its `bench/` member.
+fn repo_root() -> PathBuf {
+    FsPath::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// The target folder this program was built in (it runs from
-/// `TARGET/release/examples/`), so the nested builds reuse its artifacts.
+/// `TARGET/release/`), so the nested builds reuse its artifacts.
 fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         return PathBuf::from(dir);
     }
     std::env::current_exe()
         .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| FsPath::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+        .unwrap_or_else(|| repo_root().join("target"))
 }
 
 // ---------------------------------------------------------------------------
@@ -262,9 +263,9 @@ fn target_dir() -> PathBuf {
 /// (binary name, cargo features) of each build.
 const BUILDS: [(&str, &str); 4] = [
     ("system", ""),
-    ("jemalloc", "bench-jemalloc"),
-    ("mimalloc", "bench-mimalloc"),
-    ("percpu", "bench-percpu"),
+    ("jemalloc", "global-jemalloc"),
+    ("mimalloc", "global-mimalloc"),
+    ("percpu", "global-percpu"),
 ];
 
 fn build_workloads(out: &FsPath) -> Result<Vec<PathBuf>, String> {
@@ -277,7 +278,7 @@ fn build_workloads(out: &FsPath) -> Result<Vec<PathBuf>, String> {
     for (name, features) in BUILDS {
         eprintln!("building workloads for {name}");
         let mut cmd = Command::new(&cargo);
-        cmd.args(["build", "--release", "--quiet", "--example", "workloads"])
+        cmd.args(["build", "--release", "--quiet", "--bin", "workloads"])
             .arg("--manifest-path")
             .arg(&manifest)
             .arg("--target-dir")
@@ -293,7 +294,7 @@ fn build_workloads(out: &FsPath) -> Result<Vec<PathBuf>, String> {
                 "cargo build of workloads for {name} failed ({status})"
             ));
         }
-        let built = target.join("release/examples/workloads");
+        let built = target.join("release/workloads");
         let bin = bin_dir.join(format!("workloads-{name}"));
         // Copied to a new file (not over a running one) each time.
         let _ = std::fs::remove_file(&bin);
@@ -716,9 +717,9 @@ fn machine_header() -> String {
         ],
     )
     .unwrap_or_else(|| "unknown".into());
-    let lock = std::fs::read_to_string(FsPath::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"))
-        .unwrap_or_default();
+    let lock = std::fs::read_to_string(repo_root().join("Cargo.lock")).unwrap_or_default();
     let crates: Vec<String> = [
+        "percpu-alloc",
         "tikv-jemalloc-sys",
         "tikv-jemallocator",
         "mimalloc",
@@ -745,8 +746,7 @@ fn machine_header() -> String {
     let _ = writeln!(h, "- Compiler: {rustc}");
     let _ = writeln!(
         h,
-        "- Crates: percpu-alloc {} (commit {commit}), {}",
-        env!("CARGO_PKG_VERSION"),
+        "- Crates: {} (percpu-alloc at commit {commit})",
         crates.join(", ")
     );
     h

@@ -6,8 +6,8 @@
 //! disassemble those two functions and check them with `shape_check`:
 //!
 //! ```text
-//! cargo build --release --example shape_probe
-//! cargo run --release --example shape_check -- target/release/examples/shape_probe
+//! cargo build --release -p percpu-bench --bin shape_probe
+//! cargo run --release -p percpu-bench --bin shape_check -- target/release/shape_probe
 //! ```
 //!
 //! With the `global` feature the crate installs its own global allocator

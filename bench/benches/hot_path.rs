@@ -7,8 +7,8 @@
 //! criterion and the precomputed inputs.
 //!
 //! ```text
-//! cargo bench --bench hot_path               # every group
-//! cargo bench --bench hot_path -- batch_1000 # criterion's usual filter
+//! cargo bench -p percpu-bench --bench hot_path               # every group
+//! cargo bench -p percpu-bench --bench hot_path -- batch_1000 # criterion's usual filter
 //! ```
 //!
 //! One throughput element is one alloc *and* its free, so "elem/s" reads as

@@ -4,13 +4,13 @@
 //! shape_check BINARY [--budget N]      (default budget: 30 instructions)
 //! ```
 //!
-//! CI builds `examples/shape_probe.rs` (a program that installs
+//! CI builds `bench/src/bin/shape_probe.rs` (a program that installs
 //! `PerCpuAlloc` as its `#[global_allocator]`) in release mode and runs this
 //! checker on it:
 //!
 //! ```text
-//! cargo build --release --example shape_probe
-//! cargo run --release --example shape_check -- target/release/examples/shape_probe
+//! cargo build --release -p percpu-bench --bin shape_probe
+//! cargo run --release -p percpu-bench --bin shape_check -- target/release/shape_probe
 //! ```
 //!
 //! The checker disassembles the binary with binutils' `objdump` (Intel

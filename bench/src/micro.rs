@@ -1,4 +1,4 @@
-//! Micro-benchmark kernels shared by `examples/report.rs` (interleaved
+//! Micro-benchmark kernels shared by `src/bin/report.rs` (interleaved
 //! ratios) and `benches/micro.rs` (criterion), so that both measure the
 //! same code. Each kernel is generic over the allocator and calls its
 //! `GlobalAlloc` methods directly, so every allocator runs in one binary,

@@ -1,15 +1,15 @@
 //! Whole-program workloads, run under whichever global allocator this
-//! build was given, for `examples/report.rs` to compare.
+//! build was given, for `bench/src/bin/report.rs` to compare.
 //!
 //! A process has one global allocator, fixed when it is linked, so the
 //! comparison needs one binary per allocator; the cargo features pick it,
 //! exactly the switch an application would copy:
 //!
 //! ```text
-//! cargo build --release --example workloads                            # system malloc
-//! cargo build --release --example workloads --features bench-jemalloc  # tikv-jemallocator
-//! cargo build --release --example workloads --features bench-mimalloc  # mimalloc
-//! cargo build --release --example workloads --features bench-percpu    # PerCpuAlloc
+//! cargo build --release -p percpu-bench --bin workloads # system malloc
+//! cargo build --release -p percpu-bench --bin workloads --features global-jemalloc # tikv-jemallocator
+//! cargo build --release -p percpu-bench --bin workloads --features global-mimalloc # mimalloc
+//! cargo build --release -p percpu-bench --bin workloads --features global-percpu # PerCpuAlloc
 //! ```
 //!
 //! The percpu build declares its `#[global_allocator]` here, as the README
@@ -38,7 +38,7 @@
 //! byte count, order = `random`, `lifo` or `fifo`).
 //!
 //! `pair` and `batch` are the in-process micro kernels of the report
-//! (`examples/support/micro.rs`) as a program writes them, so that the
+//! (`bench/src/micro.rs`) as a program writes them, so that the
 //! allocator is reached through `__rust_alloc` and inlined as it is in
 //! any Rust binary. Their timed loops allocate nothing but the blocks
 //! they measure, and `ops` counts alloc+free pairs.
@@ -60,24 +60,24 @@
 //! per-CPU caches held then (percpu only); `-` where a field does not apply.
 
 #[cfg(any(
-    all(feature = "bench-percpu", feature = "bench-jemalloc"),
-    all(feature = "bench-percpu", feature = "bench-mimalloc"),
-    all(feature = "bench-jemalloc", feature = "bench-mimalloc"),
-    all(feature = "global", feature = "bench-jemalloc"),
-    all(feature = "global", feature = "bench-mimalloc"),
-    all(feature = "global", feature = "bench-percpu"),
+    all(feature = "global-percpu", feature = "global-jemalloc"),
+    all(feature = "global-percpu", feature = "global-mimalloc"),
+    all(feature = "global-jemalloc", feature = "global-mimalloc"),
+    all(feature = "global", feature = "global-jemalloc"),
+    all(feature = "global", feature = "global-mimalloc"),
+    all(feature = "global", feature = "global-percpu"),
 ))]
-compile_error!("pick one allocator: global, bench-percpu, bench-jemalloc and bench-mimalloc exclude each other");
+compile_error!("pick one allocator: global, global-percpu, global-jemalloc and global-mimalloc exclude each other");
 
-#[cfg(feature = "bench-percpu")]
+#[cfg(feature = "global-percpu")]
 #[global_allocator]
 static ALLOC: percpu_alloc::PerCpuAlloc = percpu_alloc::PerCpuAlloc::new();
 
-#[cfg(feature = "bench-jemalloc")]
+#[cfg(feature = "global-jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[cfg(feature = "bench-mimalloc")]
+#[cfg(feature = "global-mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -89,13 +89,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The allocator this build serves with; with the feature `global` the
-/// library installed `percpu_alloc::GLOBAL`, with `bench-percpu` this
+/// library installed `percpu_alloc::GLOBAL`, with `global-percpu` this
 /// example installed `ALLOC`.
-const ALLOCATOR: &str = if cfg!(any(feature = "global", feature = "bench-percpu")) {
+const ALLOCATOR: &str = if cfg!(any(feature = "global", feature = "global-percpu")) {
     "percpu"
-} else if cfg!(feature = "bench-jemalloc") {
+} else if cfg!(feature = "global-jemalloc") {
     "jemalloc"
-} else if cfg!(feature = "bench-mimalloc") {
+} else if cfg!(feature = "global-mimalloc") {
     "mimalloc"
 } else {
     "system"
@@ -105,9 +105,9 @@ const ALLOCATOR: &str = if cfg!(any(feature = "global", feature = "bench-percpu"
 fn percpu() -> Option<&'static percpu_alloc::PerCpuAlloc> {
     #[cfg(feature = "global")]
     return Some(&percpu_alloc::GLOBAL);
-    #[cfg(feature = "bench-percpu")]
+    #[cfg(feature = "global-percpu")]
     return Some(&ALLOC);
-    #[cfg(not(any(feature = "global", feature = "bench-percpu")))]
+    #[cfg(not(any(feature = "global", feature = "global-percpu")))]
     None
 }
 
@@ -124,8 +124,8 @@ fn cached_bytes() -> Option<usize> {
 /// counters are cached per thread and summed on an epoch advance, so the
 /// epoch moves first.
 fn jemalloc_stats() -> Option<(usize, usize)> {
-    if !(cfg!(any(feature = "global", feature = "bench-percpu"))
-        || cfg!(feature = "bench-jemalloc"))
+    if !(cfg!(any(feature = "global", feature = "global-percpu"))
+        || cfg!(feature = "global-jemalloc"))
     {
         return None;
     }
@@ -881,7 +881,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(workload) = args.first() else {
         eprintln!(
-            "usage: workloads WORKLOAD [key=value ...] (see the top of examples/workloads.rs)"
+            "usage: workloads WORKLOAD [key=value ...] (see the top of bench/src/bin/workloads.rs)"
         );
         return ExitCode::FAILURE;
     };
