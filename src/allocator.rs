@@ -76,7 +76,7 @@ impl PerCpuAlloc {
     /// use percpu_alloc::{Config, PerCpuAlloc};
     ///
     /// // Always use the try-lock fallback, even where rseq works.
-    /// static FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+    /// static FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().with_force_fallback(true));
     /// # assert_eq!(FALLBACK.path(), percpu_alloc::Path::Fallback);
     /// ```
     pub const fn with_config(config: Config) -> Self {
@@ -92,10 +92,10 @@ impl PerCpuAlloc {
     /// ```
     /// use percpu_alloc::{Config, PerCpuAlloc};
     ///
-    /// let alloc = PerCpuAlloc::with_config(Config::new().cap(64));
-    /// assert_eq!(alloc.config().base_cap(), 64);
+    /// let alloc = PerCpuAlloc::with_config(Config::new().with_cap(64));
+    /// assert_eq!(alloc.config().cap(), 64);
     /// // The environment's overrides show in `active_config`, never here.
-    /// assert!(alloc.config().reads_env());
+    /// assert!(alloc.config().read_env());
     /// ```
     pub const fn config(&self) -> &Config {
         &self.config
@@ -108,8 +108,8 @@ impl PerCpuAlloc {
     /// ```
     /// use percpu_alloc::{Config, PerCpuAlloc};
     ///
-    /// let alloc = PerCpuAlloc::with_config(Config::new().cap(64).read_env(false));
-    /// assert_eq!(alloc.active_config().base_cap(), 64);
+    /// let alloc = PerCpuAlloc::with_config(Config::new().with_cap(64).with_read_env(false));
+    /// assert_eq!(alloc.active_config().cap(), 64);
     /// ```
     pub fn active_config(&self) -> Config {
         match self.table() {
@@ -393,7 +393,7 @@ impl PerCpuAlloc {
     #[cold]
     #[inline(never)]
     fn make_table(&self) -> Option<&Table> {
-        let (config, print_stats) = if self.config.reads_env() {
+        let (config, print_stats) = if self.config.read_env() {
             let overrides = env::overrides();
             (overrides.apply(self.config), overrides.print_stats)
         } else {
@@ -402,7 +402,7 @@ impl PerCpuAlloc {
         // The rseq sections find a CPU's region with no bounds check, so
         // that path needs a table over every possible CPU.
         let cpus = possible_cpus();
-        let (path, offset, ncpu) = match (config.fallback_forced(), rseq::registered(), cpus) {
+        let (path, offset, ncpu) = match (config.force_fallback(), rseq::registered(), cpus) {
             (false, Some(offset), Some(ncpu)) => (Path::Rseq, offset, ncpu),
             _ => (Path::Fallback, 0, cpus.unwrap_or(1024)),
         };

@@ -5,14 +5,14 @@ use crate::size_class::{last_class_within, CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_
 
 /// Configuration of a [`PerCpuAlloc`](crate::PerCpuAlloc).
 ///
-/// Every setter is a `const fn`, so a configured allocator can still be a
-/// static:
+/// Each knob has a setter `with_NAME` and a getter `NAME`. Every setter is
+/// a `const fn`, so a configured allocator can still be a static:
 ///
 /// ```
 /// use percpu_alloc::{Config, PerCpuAlloc};
 ///
 /// static ALLOC: PerCpuAlloc = PerCpuAlloc::with_config(
-///     Config::new().splice_threshold(32).cap(128).max_cached_size(512),
+///     Config::new().with_splice_threshold(32).with_cap(128).with_max_cached_size(512),
 /// );
 /// # let _ = &ALLOC;
 /// ```
@@ -21,7 +21,7 @@ use crate::size_class::{last_class_within, CLASS_SIZES, MAX_CACHEABLE_SIZE, NUM_
 /// static fails to compile rather than misbehave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
-    threshold: u32,
+    splice_threshold: u32,
     cap: u32,
     max_cached_size: usize,
     cpu_byte_budget: usize,
@@ -35,15 +35,15 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert_eq!(Config::new().threshold(), Config::DEFAULT_THRESHOLD);
+    /// assert_eq!(Config::new().splice_threshold(), Config::DEFAULT_SPLICE_THRESHOLD);
     /// ```
-    pub const DEFAULT_THRESHOLD: u32 = 16;
+    pub const DEFAULT_SPLICE_THRESHOLD: u32 = 16;
     /// The kernel's `max_nr`: blocks per class per CPU.
     ///
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert_eq!(Config::new().base_cap(), Config::DEFAULT_CAP);
+    /// assert_eq!(Config::new().cap(), Config::DEFAULT_CAP);
     /// // Small classes get the whole cap: 16-byte blocks (class 1).
     /// assert_eq!(Config::new().class_cap(1), Config::DEFAULT_CAP);
     /// ```
@@ -54,7 +54,7 @@ impl Config {
     /// use percpu_alloc::Config;
     ///
     /// // 1024 is a class size, so nothing is rounded off.
-    /// assert_eq!(Config::new().cached_size_limit(), Config::DEFAULT_MAX_CACHED_SIZE);
+    /// assert_eq!(Config::new().max_cached_size(), Config::DEFAULT_MAX_CACHED_SIZE);
     /// ```
     pub const DEFAULT_MAX_CACHED_SIZE: usize = 1024;
     /// What one CPU may cache at worst, over all classes (tcmalloc's
@@ -64,7 +64,7 @@ impl Config {
     /// use percpu_alloc::Config;
     ///
     /// let config = Config::new();
-    /// assert_eq!(config.byte_budget(), Config::DEFAULT_CPU_BYTE_BUDGET);
+    /// assert_eq!(config.cpu_byte_budget(), Config::DEFAULT_CPU_BYTE_BUDGET);
     /// assert!(config.cpu_bound_bytes() <= Config::DEFAULT_CPU_BYTE_BUDGET);
     /// ```
     pub const DEFAULT_CPU_BYTE_BUDGET: usize = 1536 * 1024;
@@ -76,8 +76,8 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert_eq!(Config::new().cap(Config::MAX_CAP).base_cap(), Config::MAX_CAP);
-    /// assert!(std::panic::catch_unwind(|| Config::new().cap(Config::MAX_CAP + 1)).is_err());
+    /// assert_eq!(Config::new().with_cap(Config::MAX_CAP).cap(), Config::MAX_CAP);
+    /// assert!(std::panic::catch_unwind(|| Config::new().with_cap(Config::MAX_CAP + 1)).is_err());
     /// ```
     pub const MAX_CAP: u32 = 1000;
 
@@ -89,13 +89,13 @@ impl Config {
     ///
     /// const DEFAULTS: Config = Config::new();
     /// assert_eq!(DEFAULTS, Config::default());
-    /// assert_eq!(DEFAULTS.threshold(), 16);
-    /// assert_eq!(DEFAULTS.base_cap(), 256);
-    /// assert!(!DEFAULTS.fallback_forced());
+    /// assert_eq!(DEFAULTS.splice_threshold(), 16);
+    /// assert_eq!(DEFAULTS.cap(), 256);
+    /// assert!(!DEFAULTS.force_fallback());
     /// ```
     pub const fn new() -> Self {
         Config {
-            threshold: Self::DEFAULT_THRESHOLD,
+            splice_threshold: Self::DEFAULT_SPLICE_THRESHOLD,
             cap: Self::DEFAULT_CAP,
             max_cached_size: Self::DEFAULT_MAX_CACHED_SIZE,
             cpu_byte_budget: Self::DEFAULT_CPU_BYTE_BUDGET,
@@ -110,18 +110,18 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// const EAGER: Config = Config::new().splice_threshold(4);
-    /// assert_eq!(EAGER.threshold(), 4);
+    /// const EAGER: Config = Config::new().with_splice_threshold(4);
+    /// assert_eq!(EAGER.splice_threshold(), 4);
     /// ```
     ///
     /// # Panics
     /// If `n` is 0 or above [`Config::MAX_CAP`].
-    pub const fn splice_threshold(mut self, n: u32) -> Self {
+    pub const fn with_splice_threshold(mut self, n: u32) -> Self {
         assert!(
             n >= 1 && n <= Self::MAX_CAP,
             "splice threshold out of range"
         );
-        self.threshold = n;
+        self.splice_threshold = n;
         self
     }
 
@@ -131,14 +131,14 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert_eq!(Config::new().cap(64).class_cap(1), 64);
+    /// assert_eq!(Config::new().with_cap(64).class_cap(1), 64);
     /// // A cap of 0 caches nothing: every request goes to jemalloc.
-    /// assert_eq!(Config::new().cap(0).cpu_bound_bytes(), 0);
+    /// assert_eq!(Config::new().with_cap(0).cpu_bound_bytes(), 0);
     /// ```
     ///
     /// # Panics
     /// If `n` is above [`Config::MAX_CAP`].
-    pub const fn cap(mut self, n: u32) -> Self {
+    pub const fn with_cap(mut self, n: u32) -> Self {
         assert!(n <= Self::MAX_CAP, "cap out of range");
         self.cap = n;
         self
@@ -150,11 +150,11 @@ impl Config {
     /// ```
     /// use percpu_alloc::{Config, MAX_CACHEABLE_SIZE};
     ///
-    /// assert_eq!(Config::new().max_cached_size(1000).cached_size_limit(), 896);
-    /// let all = Config::new().max_cached_size(1 << 20);
-    /// assert_eq!(all.cached_size_limit(), MAX_CACHEABLE_SIZE);
+    /// assert_eq!(Config::new().with_max_cached_size(1000).max_cached_size(), 896);
+    /// let all = Config::new().with_max_cached_size(1 << 20);
+    /// assert_eq!(all.max_cached_size(), MAX_CACHEABLE_SIZE);
     /// ```
-    pub const fn max_cached_size(mut self, bytes: usize) -> Self {
+    pub const fn with_max_cached_size(mut self, bytes: usize) -> Self {
         self.max_cached_size = if bytes > MAX_CACHEABLE_SIZE {
             MAX_CACHEABLE_SIZE
         } else {
@@ -169,11 +169,11 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// let small = Config::new().cpu_byte_budget(64 * 1024);
+    /// let small = Config::new().with_cpu_byte_budget(64 * 1024);
     /// assert!(small.cpu_bound_bytes() <= 64 * 1024);
     /// assert!(small.cpu_bound_bytes() < Config::new().cpu_bound_bytes());
     /// ```
-    pub const fn cpu_byte_budget(mut self, bytes: usize) -> Self {
+    pub const fn with_cpu_byte_budget(mut self, bytes: usize) -> Self {
         self.cpu_byte_budget = bytes;
         self
     }
@@ -183,10 +183,10 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert!(Config::new().force_fallback(true).fallback_forced());
-    /// assert!(!Config::new().fallback_forced());
+    /// assert!(Config::new().with_force_fallback(true).force_fallback());
+    /// assert!(!Config::new().force_fallback());
     /// ```
-    pub const fn force_fallback(mut self, yes: bool) -> Self {
+    pub const fn with_force_fallback(mut self, yes: bool) -> Self {
         self.force_fallback = yes;
         self
     }
@@ -197,11 +197,11 @@ impl Config {
     ///
     /// | variable | overrides | values |
     /// |---|---|---|
-    /// | `PERCPU_SPLICE_THRESHOLD` | [`splice_threshold`](Self::splice_threshold) | 1 to 1000 |
-    /// | `PERCPU_CAP` | [`cap`](Self::cap) | 0 to 1000 |
-    /// | `PERCPU_MAX_CACHED_SIZE` | [`max_cached_size`](Self::max_cached_size) | 0 to 14336 |
-    /// | `PERCPU_CPU_BYTE_BUDGET` | [`cpu_byte_budget`](Self::cpu_byte_budget) | bytes, `k`/`m`/`g` suffixes |
-    /// | `PERCPU_FORCE_FALLBACK` | [`force_fallback`](Self::force_fallback) | 1/0, true/false, yes/no, on/off |
+    /// | `PERCPU_SPLICE_THRESHOLD` | [`with_splice_threshold`](Self::with_splice_threshold) | 1 to 1000 |
+    /// | `PERCPU_CAP` | [`with_cap`](Self::with_cap) | 0 to 1000 |
+    /// | `PERCPU_MAX_CACHED_SIZE` | [`with_max_cached_size`](Self::with_max_cached_size) | 0 to 14336 |
+    /// | `PERCPU_CPU_BYTE_BUDGET` | [`with_cpu_byte_budget`](Self::with_cpu_byte_budget) | bytes, `k`/`m`/`g` suffixes |
+    /// | `PERCPU_FORCE_FALLBACK` | [`with_force_fallback`](Self::with_force_fallback) | 1/0, true/false, yes/no, on/off |
     /// | `PERCPU_STATS` | prints [`Stats`](crate::Stats) to stderr at exit | as above |
     ///
     /// A bad value is reported on standard error and ignored. The
@@ -212,10 +212,10 @@ impl Config {
     /// use percpu_alloc::{Config, PerCpuAlloc};
     ///
     /// // This instance keeps its cap whatever PERCPU_CAP says.
-    /// static PINNED: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().cap(32).read_env(false));
-    /// assert_eq!(PINNED.active_config().base_cap(), 32);
+    /// static PINNED: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().with_cap(32).with_read_env(false));
+    /// assert_eq!(PINNED.active_config().cap(), 32);
     /// ```
-    pub const fn read_env(mut self, yes: bool) -> Self {
+    pub const fn with_read_env(mut self, yes: bool) -> Self {
         self.read_env = yes;
         self
     }
@@ -225,10 +225,10 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert!(Config::new().reads_env());
-    /// assert!(!Config::new().read_env(false).reads_env());
+    /// assert!(Config::new().read_env());
+    /// assert!(!Config::new().with_read_env(false).read_env());
     /// ```
-    pub const fn reads_env(&self) -> bool {
+    pub const fn read_env(&self) -> bool {
         self.read_env
     }
 
@@ -237,10 +237,10 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert_eq!(Config::new().splice_threshold(32).threshold(), 32);
+    /// assert_eq!(Config::new().with_splice_threshold(32).splice_threshold(), 32);
     /// ```
-    pub const fn threshold(&self) -> u32 {
-        self.threshold
+    pub const fn splice_threshold(&self) -> u32 {
+        self.splice_threshold
     }
 
     /// The cap before the byte budget lowers it for large classes.
@@ -248,12 +248,12 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// let config = Config::new().cap(512);
-    /// assert_eq!(config.base_cap(), 512);
+    /// let config = Config::new().with_cap(512);
+    /// assert_eq!(config.cap(), 512);
     /// // 1 KiB blocks (class 20) get less, from the byte budget.
-    /// assert!(config.class_cap(20) < config.base_cap());
+    /// assert!(config.class_cap(20) < config.cap());
     /// ```
-    pub const fn base_cap(&self) -> u32 {
+    pub const fn cap(&self) -> u32 {
         self.cap
     }
 
@@ -262,10 +262,10 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert_eq!(Config::new().max_cached_size(300).cached_size_limit(), 256);
-    /// assert_eq!(Config::new().max_cached_size(0).cached_size_limit(), 0);
+    /// assert_eq!(Config::new().with_max_cached_size(300).max_cached_size(), 256);
+    /// assert_eq!(Config::new().with_max_cached_size(0).max_cached_size(), 0);
     /// ```
-    pub const fn cached_size_limit(&self) -> usize {
+    pub const fn max_cached_size(&self) -> usize {
         match last_class_within(self.max_cached_size) {
             Some(class) => class.size(),
             None => 0,
@@ -277,9 +277,9 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// assert_eq!(Config::new().cpu_byte_budget(1 << 20).byte_budget(), 1 << 20);
+    /// assert_eq!(Config::new().with_cpu_byte_budget(1 << 20).cpu_byte_budget(), 1 << 20);
     /// ```
-    pub const fn byte_budget(&self) -> usize {
+    pub const fn cpu_byte_budget(&self) -> usize {
         self.cpu_byte_budget
     }
 
@@ -288,11 +288,11 @@ impl Config {
     /// ```
     /// use percpu_alloc::Config;
     ///
-    /// let config = Config::new().force_fallback(true);
-    /// assert!(config.fallback_forced());
-    /// assert!(!config.force_fallback(false).fallback_forced());
+    /// let config = Config::new().with_force_fallback(true);
+    /// assert!(config.force_fallback());
+    /// assert!(!config.with_force_fallback(false).force_fallback());
     /// ```
-    pub const fn fallback_forced(&self) -> bool {
+    pub const fn force_fallback(&self) -> bool {
         self.force_fallback
     }
 
@@ -304,8 +304,8 @@ impl Config {
     /// // Sizes 8 to 1024: the first 21 classes.
     /// let config = Config::new();
     /// assert_eq!(config.cached_classes(), 21);
-    /// assert_eq!(CLASS_SIZES[config.cached_classes() - 1], config.cached_size_limit());
-    /// assert_eq!(Config::new().max_cached_size(4).cached_classes(), 0);
+    /// assert_eq!(CLASS_SIZES[config.cached_classes() - 1], config.max_cached_size());
+    /// assert_eq!(Config::new().with_max_cached_size(4).cached_classes(), 0);
     /// ```
     pub const fn cached_classes(&self) -> usize {
         match last_class_within(self.max_cached_size) {
@@ -348,14 +348,14 @@ impl Config {
     /// ```
     /// use percpu_alloc::{Config, CLASS_SIZES};
     ///
-    /// let config = Config::new().cap(100);
+    /// let config = Config::new().with_cap(100);
     /// let sum: usize = CLASS_SIZES
     ///     .iter()
     ///     .enumerate()
     ///     .map(|(class, size)| config.class_cap(class) as usize * size)
     ///     .sum();
     /// assert_eq!(config.cpu_bound_bytes(), sum);
-    /// assert!(sum <= config.byte_budget());
+    /// assert!(sum <= config.cpu_byte_budget());
     /// ```
     pub const fn cpu_bound_bytes(&self) -> usize {
         let mut total = 0;
@@ -386,23 +386,28 @@ mod tests {
         assert_eq!(config.class_cap(12), 256); // 256-byte blocks
         assert!(config.class_cap(20) < 256); // 1 KiB blocks are budgeted
         assert_eq!(config.class_cap(21), 0); // 1280 bytes: not cached
-        assert_eq!(config.cached_size_limit(), 1024);
+        assert_eq!(config.max_cached_size(), 1024);
     }
 
     #[test]
     fn a_small_budget_lowers_every_cap() {
-        let config = Config::new().cpu_byte_budget(64 * 1024);
+        let config = Config::new().with_cpu_byte_budget(64 * 1024);
         assert!(config.cpu_bound_bytes() <= 64 * 1024);
         assert!(config.class_cap(8) < 256 && config.class_cap(1) > config.class_cap(8));
     }
 
     #[test]
     fn max_cached_size_rounds_down_to_a_class() {
-        assert_eq!(Config::new().max_cached_size(1000).cached_size_limit(), 896);
         assert_eq!(
-            Config::new().max_cached_size(1 << 20).cached_size_limit(),
+            Config::new().with_max_cached_size(1000).max_cached_size(),
+            896
+        );
+        assert_eq!(
+            Config::new()
+                .with_max_cached_size(1 << 20)
+                .max_cached_size(),
             14336
         );
-        assert_eq!(Config::new().max_cached_size(4).cached_classes(), 0);
+        assert_eq!(Config::new().with_max_cached_size(4).cached_classes(), 0);
     }
 }

@@ -40,19 +40,19 @@ impl Overrides {
     /// `config` with these overrides applied.
     pub(crate) fn apply(&self, mut config: Config) -> Config {
         if let Some(n) = self.threshold {
-            config = config.splice_threshold(n);
+            config = config.with_splice_threshold(n);
         }
         if let Some(n) = self.cap {
-            config = config.cap(n);
+            config = config.with_cap(n);
         }
         if let Some(n) = self.max_cached_size {
-            config = config.max_cached_size(n);
+            config = config.with_max_cached_size(n);
         }
         if let Some(n) = self.cpu_byte_budget {
-            config = config.cpu_byte_budget(n);
+            config = config.with_cpu_byte_budget(n);
         }
         if let Some(yes) = self.force_fallback {
-            config = config.force_fallback(yes);
+            config = config.with_force_fallback(yes);
         }
         config
     }
@@ -268,11 +268,11 @@ mod tests {
             print_stats: false,
         };
         let c = o.apply(Config::new());
-        assert_eq!(c.threshold(), 8);
-        assert_eq!(c.base_cap(), 64);
-        assert_eq!(c.cached_size_limit(), 512);
-        assert_eq!(c.byte_budget(), 1 << 20);
-        assert!(c.fallback_forced());
+        assert_eq!(c.splice_threshold(), 8);
+        assert_eq!(c.cap(), 64);
+        assert_eq!(c.max_cached_size(), 512);
+        assert_eq!(c.cpu_byte_budget(), 1 << 20);
+        assert!(c.force_fallback());
         assert_eq!(Overrides::default().apply(Config::new()), Config::new());
     }
 }

@@ -22,7 +22,7 @@ use crate::table::{Record, Site, Table};
 /// ```
 /// use percpu_alloc::{Config, Path, PerCpuAlloc};
 ///
-/// let forced = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+/// let forced = PerCpuAlloc::with_config(Config::new().with_force_fallback(true));
 /// assert_eq!(forced.path(), Path::Fallback);
 /// assert_eq!(forced.path().to_string(), "fallback");
 /// ```

@@ -41,8 +41,8 @@ pub const NUM_CLASSES: usize = 36;
 /// use percpu_alloc::{Config, CLASS_SIZES, MAX_CACHEABLE_SIZE};
 ///
 /// assert_eq!(MAX_CACHEABLE_SIZE, *CLASS_SIZES.last().unwrap());
-/// let all = Config::new().max_cached_size(usize::MAX);
-/// assert_eq!(all.cached_size_limit(), MAX_CACHEABLE_SIZE);
+/// let all = Config::new().with_max_cached_size(usize::MAX);
+/// assert_eq!(all.max_cached_size(), MAX_CACHEABLE_SIZE);
 /// ```
 pub const MAX_CACHEABLE_SIZE: usize = CLASS_SIZES[NUM_CLASSES - 1];
 

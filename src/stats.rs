@@ -166,7 +166,7 @@ pub struct TrimReport {
 /// use std::alloc::{GlobalAlloc, Layout};
 /// use percpu_alloc::{Config, PerCpuAlloc};
 ///
-/// let alloc = PerCpuAlloc::with_config(Config::new().read_env(false));
+/// let alloc = PerCpuAlloc::with_config(Config::new().with_read_env(false));
 /// let layout = Layout::from_size_align(64, 8).unwrap();
 /// // SAFETY: a valid layout; the block is freed with the same one.
 /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
@@ -281,7 +281,7 @@ pub(crate) fn counters(table: &Table, cpu: usize, class: Class) -> Counters {
 /// use std::alloc::{GlobalAlloc, Layout};
 /// use percpu_alloc::{Config, PerCpuAlloc, CLASS_SIZES};
 ///
-/// let alloc = PerCpuAlloc::with_config(Config::new().cap(100).read_env(false));
+/// let alloc = PerCpuAlloc::with_config(Config::new().with_cap(100).with_read_env(false));
 /// let layout = Layout::from_size_align(64, 8).unwrap();
 /// // SAFETY: a valid layout; the block is freed with the same one.
 /// unsafe { alloc.dealloc(alloc.alloc(layout), layout) };
@@ -379,7 +379,7 @@ pub struct Stats {
     /// CPUs covered by the caches.
     pub cpus: usize,
     /// The splice threshold in force.
-    pub threshold: u32,
+    pub splice_threshold: u32,
     /// The largest cached size in force.
     pub max_cached_size: usize,
     /// The most bytes one CPU can cache.
@@ -407,7 +407,7 @@ impl Stats {
             path,
             counting: COUNTING,
             cpus: 0,
-            threshold: 0,
+            splice_threshold: 0,
             max_cached_size: 0,
             cpu_bound_bytes: 0,
             totals: Counters::default(),
@@ -425,7 +425,7 @@ impl Stats {
         let header = table.header();
         let mut stats = Stats::empty(header.path);
         stats.cpus = header.ncpu as usize;
-        stats.threshold = header.threshold;
+        stats.splice_threshold = header.threshold;
         stats.max_cached_size = header.max_size;
         stats.cpu_bound_bytes = header.config.cpu_bound_bytes();
         stats.no_cpu = header.no_cpu.load(Ordering::Relaxed);
@@ -611,7 +611,7 @@ impl fmt::Display for Stats {
         writeln!(
             f,
             "percpu-alloc: {} path, {} CPUs, threshold {}, sizes up to {} cached",
-            self.path, self.cpus, self.threshold, self.max_cached_size
+            self.path, self.cpus, self.splice_threshold, self.max_cached_size
         )?;
         writeln!(
             f,

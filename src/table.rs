@@ -392,7 +392,7 @@ impl Geometry {
 fn header_limit(g: &Geometry, config: &Config) -> usize {
     match g.classes {
         0 => 0,
-        _ => config.cached_size_limit() + 1,
+        _ => config.max_cached_size() + 1,
     }
 }
 
@@ -429,11 +429,11 @@ impl Table {
         let header = Header {
             rseq_offset,
             size_limit: header_limit(&g, config),
-            max_size: config.cached_size_limit(),
+            max_size: config.max_cached_size(),
             rec_off: g.rec_off,
             caps: g.caps,
             ncpu: ncpu as u32,
-            threshold: config.threshold(),
+            threshold: config.splice_threshold(),
             classes: g.classes,
             path,
             region_size: g.region_size,
@@ -763,10 +763,10 @@ mod tests {
         for config in [
             Config::new(),
             Config::new()
-                .cap(1000)
-                .max_cached_size(1 << 20)
-                .cpu_byte_budget(1 << 30),
-            Config::new().cap(0),
+                .with_cap(1000)
+                .with_max_cached_size(1 << 20)
+                .with_cpu_byte_budget(1 << 30),
+            Config::new().with_cap(0),
         ] {
             let g = Geometry::of(&config);
             let mut end = core::mem::size_of::<CpuHead>();

@@ -11,7 +11,8 @@ use percpu_alloc::{Config, Path, PerCpuAlloc};
 static ALLOC: PerCpuAlloc = PerCpuAlloc::new();
 
 /// Unaffected by the environment, whatever it says.
-static DEAF: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().cap(40).read_env(false));
+static DEAF: PerCpuAlloc =
+    PerCpuAlloc::with_config(Config::new().with_cap(40).with_read_env(false));
 
 const CHILD: &str = "PERCPU_ENV_TEST_CHILD";
 
@@ -54,16 +55,19 @@ fn in_child() -> bool {
 fn every_variable_overrides_the_const_config() {
     if in_child() {
         let c = ALLOC.active_config();
-        assert_eq!(c.threshold(), 8);
-        assert_eq!(c.base_cap(), 100);
-        assert_eq!(c.cached_size_limit(), 512);
-        assert_eq!(c.byte_budget(), 256 << 10);
-        assert!(c.fallback_forced());
+        assert_eq!(c.splice_threshold(), 8);
+        assert_eq!(c.cap(), 100);
+        assert_eq!(c.max_cached_size(), 512);
+        assert_eq!(c.cpu_byte_budget(), 256 << 10);
+        assert!(c.force_fallback());
         assert_eq!(ALLOC.path(), Path::Fallback);
         assert!(ALLOC.cpu_bound_bytes() <= 256 << 10);
         // The const config is still what the static says.
         assert_eq!(ALLOC.config(), &Config::new());
-        assert_eq!(DEAF.active_config(), Config::new().cap(40).read_env(false));
+        assert_eq!(
+            DEAF.active_config(),
+            Config::new().with_cap(40).with_read_env(false)
+        );
         return;
     }
     let stderr = child(
@@ -83,11 +87,11 @@ fn every_variable_overrides_the_const_config() {
 fn bad_values_are_reported_and_ignored() {
     if in_child() {
         let c = ALLOC.active_config();
-        assert_eq!(c.threshold(), Config::DEFAULT_THRESHOLD);
-        assert_eq!(c.base_cap(), Config::DEFAULT_CAP);
-        assert_eq!(c.cached_size_limit(), 1024);
-        assert_eq!(c.byte_budget(), Config::DEFAULT_CPU_BYTE_BUDGET);
-        assert!(!c.fallback_forced());
+        assert_eq!(c.splice_threshold(), Config::DEFAULT_SPLICE_THRESHOLD);
+        assert_eq!(c.cap(), Config::DEFAULT_CAP);
+        assert_eq!(c.max_cached_size(), 1024);
+        assert_eq!(c.cpu_byte_budget(), Config::DEFAULT_CPU_BYTE_BUDGET);
+        assert!(!c.force_fallback());
         return;
     }
     let stderr = child(

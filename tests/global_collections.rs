@@ -710,7 +710,7 @@ fn the_expected_path_is_live() {
     // A fresh instance decides the same way; a forced one never uses rseq.
     assert_eq!(PerCpuAlloc::new().path(), expected);
     assert_eq!(
-        PerCpuAlloc::with_config(Config::new().force_fallback(true)).path(),
+        PerCpuAlloc::with_config(Config::new().with_force_fallback(true)).path(),
         Path::Fallback
     );
     eprintln!("per-CPU path: {}", ALLOC.path());

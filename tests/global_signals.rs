@@ -510,7 +510,7 @@ fn signal_list_rules_on_the_default_path() {
 #[test]
 fn signal_list_rules_on_the_fallback_path() {
     let _serial = serial(&SERIAL);
-    let a = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+    let a = PerCpuAlloc::with_config(Config::new().with_force_fallback(true));
     assert_eq!(a.path(), Path::Fallback);
     signal_list_rules(&a, "fallback instance");
 }

@@ -48,7 +48,11 @@ fn expect_abort(case: &str, message: &str) {
 }
 
 fn instance(fallback: bool) -> PerCpuAlloc {
-    PerCpuAlloc::with_config(Config::new().force_fallback(fallback).read_env(false))
+    PerCpuAlloc::with_config(
+        Config::new()
+            .with_force_fallback(fallback)
+            .with_read_env(false),
+    )
 }
 
 /// Frees 40 blocks of 64 bytes (in signal context if `linked`, so they are

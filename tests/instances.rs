@@ -28,7 +28,7 @@ fn class_of(size: usize) -> usize {
 #[test]
 fn paths_and_table_geometry() {
     let _serial = serial(&SERIAL);
-    let forced = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+    let forced = PerCpuAlloc::with_config(Config::new().with_force_fallback(true));
     assert_eq!(forced.path(), Path::Fallback);
     let plain = PerCpuAlloc::new();
     assert_eq!(
@@ -134,7 +134,7 @@ fn cap_and_threshold(a: &PerCpuAlloc, cap: u32, threshold: u32, what: &str) {
 fn configured_cap_and_threshold() {
     let _serial = serial(&SERIAL);
     for (cap, threshold) in [(8, 3), (256, 16), (40, 40), (2, 1)] {
-        let config = Config::new().cap(cap).splice_threshold(threshold);
+        let config = Config::new().with_cap(cap).with_splice_threshold(threshold);
         let a = PerCpuAlloc::with_config(config);
         cap_and_threshold(
             &a,
@@ -142,7 +142,7 @@ fn configured_cap_and_threshold() {
             threshold,
             &format!("cap {cap} threshold {threshold}"),
         );
-        let f = PerCpuAlloc::with_config(config.force_fallback(true));
+        let f = PerCpuAlloc::with_config(config.with_force_fallback(true));
         cap_and_threshold(
             &f,
             cap,
@@ -193,15 +193,15 @@ fn the_byte_budget_bounds_one_cpu() {
     assert_eq!(default.trim().bytes, default.cpu_bound_bytes());
 
     for config in [
-        Config::new().cpu_byte_budget(64 * 1024),
-        Config::new().max_cached_size(MAX_CACHEABLE_SIZE),
+        Config::new().with_cpu_byte_budget(64 * 1024),
+        Config::new().with_max_cached_size(MAX_CACHEABLE_SIZE),
         Config::new()
-            .max_cached_size(4096)
-            .cpu_byte_budget(256 * 1024),
-        Config::new().max_cached_size(100),
+            .with_max_cached_size(4096)
+            .with_cpu_byte_budget(256 * 1024),
+        Config::new().with_max_cached_size(100),
     ] {
         assert!(
-            config.cpu_bound_bytes() <= config.byte_budget(),
+            config.cpu_bound_bytes() <= config.cpu_byte_budget(),
             "{config:?}"
         );
         let a = PerCpuAlloc::with_config(config);
@@ -219,7 +219,7 @@ fn the_byte_budget_bounds_one_cpu() {
 fn layouts_the_cache_does_not_serve_bypass_it() {
     let _serial = serial(&SERIAL);
     let a = PerCpuAlloc::new();
-    let wide = PerCpuAlloc::with_config(Config::new().max_cached_size(MAX_CACHEABLE_SIZE));
+    let wide = PerCpuAlloc::with_config(Config::new().with_max_cached_size(MAX_CACHEABLE_SIZE));
     for (alloc, size, align, expect_cached) in [
         (&a, 1025, 8, false),      // past the default 1 KiB
         (&a, 64, 4096, false),     // needs the 4 KiB class, not cached by default
@@ -249,9 +249,9 @@ fn layouts_the_cache_does_not_serve_bypass_it() {
 /// happen all the time.
 static SMALL: PerCpuAlloc = PerCpuAlloc::with_config(
     Config::new()
-        .cap(4)
-        .splice_threshold(2)
-        .max_cached_size(512),
+        .with_cap(4)
+        .with_splice_threshold(2)
+        .with_max_cached_size(512),
 );
 
 #[test]
@@ -381,7 +381,7 @@ fn an_allocator_from_a_const_item() {
     use std::alloc::GlobalAlloc;
     // What clippy warns of is the point: a const copied into each use.
     #[allow(clippy::declare_interior_mutable_const)]
-    const MADE: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().read_env(false));
+    const MADE: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().with_read_env(false));
     let a = MADE;
     let layout = Layout::from_size_align(64, 8).unwrap();
     // SAFETY: a valid layout; the block is freed with the same one.

@@ -59,10 +59,10 @@ fn class_of(size: usize) -> usize {
 fn instance(fallback: bool) -> PerCpuAlloc {
     PerCpuAlloc::with_config(
         Config::new()
-            .cap(32)
-            .splice_threshold(4)
-            .force_fallback(fallback)
-            .read_env(false),
+            .with_cap(32)
+            .with_splice_threshold(4)
+            .with_force_fallback(fallback)
+            .with_read_env(false),
     )
 }
 

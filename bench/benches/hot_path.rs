@@ -26,7 +26,8 @@ static SYSTEM: System = System;
 static JEMALLOC: Jemalloc = Jemalloc;
 static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static PERCPU: PerCpuAlloc = PerCpuAlloc::new();
-static PERCPU_FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+static PERCPU_FALLBACK: PerCpuAlloc =
+    PerCpuAlloc::with_config(Config::new().with_force_fallback(true));
 
 /// Runs `$body` once per allocator with `$a` bound to the static, so each
 /// call site is monomorphised (no `dyn` call on the measured path) and the

@@ -25,7 +25,8 @@ static SYSTEM: std::alloc::System = std::alloc::System;
 static JEMALLOC: Jemalloc = Jemalloc;
 static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static PERCPU: PerCpuAlloc = PerCpuAlloc::new();
-static PERCPU_FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+static PERCPU_FALLBACK: PerCpuAlloc =
+    PerCpuAlloc::with_config(Config::new().with_force_fallback(true));
 
 /// Runs `$body` once per allocator with `$a` bound to its static, so each
 /// call site is monomorphised and all five get the same code around them.

@@ -391,9 +391,9 @@ type Seen = BTreeMap<&'static str, usize>;
 
 fn run_case(path: Path, s: Setup, ops: &[Op], seen: &mut Seen) -> Result<(), TestCaseError> {
     let config = Config::new()
-        .cap(s.cap)
-        .splice_threshold(s.threshold)
-        .read_env(false);
+        .with_cap(s.cap)
+        .with_splice_threshold(s.threshold)
+        .with_read_env(false);
     let mut engine = Engine::new(&config, path, s.cpus);
     let t = engine.table();
     for class in 0..s.classes {

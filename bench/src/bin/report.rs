@@ -60,7 +60,7 @@ use tikv_jemallocator::Jemalloc;
 use percpu_bench::micro::{self, Batch, Growth, Order, BATCH_SIZES, PAIR_SIZES};
 
 static PERCPU: PerCpuAlloc = PerCpuAlloc::new();
-static FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().force_fallback(true));
+static FALLBACK: PerCpuAlloc = PerCpuAlloc::with_config(Config::new().with_force_fallback(true));
 
 /// The five rows of every table, in order.
 const ALLOCS: [&str; 5] = [
@@ -1026,7 +1026,7 @@ fn targets(micro: &[MicroRow], cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> 
         }
     }
 
-    let cached = Config::new().cached_size_limit();
+    let cached = Config::new().max_cached_size();
     let micro_ratios = |pick: &dyn Fn(&MicroRow) -> bool, i: usize, j: usize| {
         micro
             .iter()
