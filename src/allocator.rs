@@ -487,7 +487,7 @@ fn alloc_elsewhere(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc)
         Some(_) => unsafe {
             alloc.alloc_impl(Layout::from_size_align_unchecked(size, align), zeroed)
         },
-        None => backend::alloc(size.max(1), align, zeroed),
+        None => alloc_uncached(size, align, zeroed),
     }
 }
 
@@ -522,7 +522,31 @@ fn alloc_uncommon<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Ta
             return rules::alloc::<P>(table, site, if zeroed { size } else { 0 });
         }
     }
-    backend::alloc(size.max(1), align, zeroed)
+    alloc_uncached(size, align, zeroed)
+}
+
+/// Allocates from jemalloc a layout the cache does not serve. A zero size
+/// is asked for as 1, so it still gets a block of its own (and
+/// `GlobalAlloc` is never handed a zero size); an alignment for which even
+/// that cannot be a `Layout` gets null.
+#[inline]
+fn alloc_uncached(size: usize, align: usize, zeroed: bool) -> *mut u8 {
+    match Layout::from_size_align(size.max(1), align) {
+        // SAFETY: the size is non-zero.
+        Ok(layout) => unsafe { backend::alloc(layout, zeroed) },
+        Err(_) => ptr::null_mut(),
+    }
+}
+
+/// Frees what [`alloc_uncached`] returned for this size and alignment.
+///
+/// # Safety
+/// As `GlobalAlloc::dealloc`, for a block [`alloc_uncached`] made.
+#[inline]
+unsafe fn free_uncached(ptr: *mut u8, size: usize, align: usize) {
+    // SAFETY: `alloc_uncached` made the block with this very layout, so it
+    // is a valid one; the rest is the caller's contract.
+    unsafe { backend::free(ptr, Layout::from_size_align_unchecked(size.max(1), align)) }
 }
 
 /// A free the rseq hit path did not look up, as [`alloc_unserved`].
@@ -560,8 +584,8 @@ unsafe fn dealloc_elsewhere(ptr: *mut u8, size: usize, align: usize, alloc: &Per
         };
     }
     // SAFETY: with no table, `alloc` took every block from jemalloc with
-    // this size and alignment.
-    unsafe { backend::free(ptr, size.max(1), align) }
+    // `alloc_uncached`.
+    unsafe { free_uncached(ptr, size, align) }
 }
 
 /// The inline half of a free through `table`'s path `P`, as [`alloc_on`]:
@@ -603,8 +627,8 @@ unsafe fn dealloc_uncommon<P: PerCpu>(ptr: *mut u8, size: usize, align: usize, t
         }
     }
     // SAFETY: not a cached layout, so `alloc` took it from jemalloc with
-    // this size (or 1 for 0) and alignment.
-    unsafe { backend::free(ptr, size.max(1), align) }
+    // `alloc_uncached`.
+    unsafe { free_uncached(ptr, size, align) }
 }
 
 /// Where `table` caches `layout`, if it does.
@@ -683,8 +707,12 @@ unsafe impl GlobalAlloc for PerCpuAlloc {
             // The block already holds `new_size` bytes with this alignment.
             (Some(a), Some(b)) if a == b => ptr,
             // Both large: jemalloc grows or shrinks in place when it can.
-            // SAFETY: `ptr` came from `backend::alloc` with this alignment.
-            (None, None) => unsafe { backend::realloc(ptr, layout.align(), new_size.max(1)) },
+            // SAFETY: `ptr` came from `alloc_uncached` with this layout, a
+            // zero size asked for as 1 (so that layout is valid too).
+            (None, None) => unsafe {
+                let old = Layout::from_size_align_unchecked(layout.size().max(1), layout.align());
+                backend::realloc(ptr, old, new_size.max(1))
+            },
             _ => {
                 // SAFETY: `new_layout` is valid (checked above).
                 let new = unsafe { self.alloc(new_layout) };

@@ -1,27 +1,16 @@
 //! The backend: jemalloc, through tikv-jemalloc-sys.
 //!
 //! Cached classes are jemalloc's own size classes, so a miss asks jemalloc
-//! for exactly the class size and a flush is a sized free of it. Everything
-//! the cache does not take (large, over-aligned) is passed through with
-//! jemalloc's alignment flag, as tikv-jemallocator does.
+//! for exactly the class size and a flush is a sized free of it: calls
+//! without flags, which jemalloc serves on its fast path, made directly
+//! through tikv-jemalloc-sys (a deferred return has no size at all).
+//! Everything the cache does not take (large, over-aligned) goes through
+//! tikv-jemallocator's `Jemalloc`, which already maps a layout to flags.
 
-use core::ffi::{c_int, c_void};
+use core::alloc::{GlobalAlloc, Layout};
+use core::ffi::c_void;
 use tikv_jemalloc_sys as je;
-
-/// Alignment that jemalloc gives every allocation of at least this size
-/// without being asked (its quantum on x86_64 and aarch64).
-const QUANTUM: usize = 16;
-
-/// jemalloc flags for a layout: ask for the alignment only where jemalloc
-/// would not give it anyway.
-#[inline]
-fn flags(size: usize, align: usize) -> c_int {
-    if align <= QUANTUM && align <= size {
-        0
-    } else {
-        align.trailing_zeros() as c_int
-    }
-}
+use tikv_jemallocator::Jemalloc;
 
 /// A fresh block of the class jemalloc rounds `size` up to (our class:
 /// the classes are jemalloc's), zeroed if asked. `size` is non-zero.
@@ -59,39 +48,41 @@ pub(crate) unsafe fn free_unsized(block: *mut u8) {
     unsafe { je::dallocx(block as *mut c_void, 0) }
 }
 
-/// Allocates a layout the cache does not serve. `size` is non-zero.
+/// Allocates a layout the cache does not serve (large or over-aligned),
+/// through tikv-jemallocator, whose `GlobalAlloc` maps the layout to
+/// jemalloc's flags (none where jemalloc aligns the size anyway).
+///
+/// # Safety
+/// `layout` has a non-zero size.
 #[inline]
-pub(crate) fn alloc(size: usize, align: usize, zeroed: bool) -> *mut u8 {
-    let flags = flags(size, align);
-    // SAFETY: `size` is non-zero and `align` a power of two (a `Layout`'s);
-    // jemalloc returns null for what it cannot serve. Without flags, the
-    // calls with a fast path (see `alloc_sized`).
+pub(crate) unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
+    // SAFETY: the caller's contract; jemalloc returns null for what it
+    // cannot serve.
     unsafe {
-        match (flags, zeroed) {
-            (0, false) => je::malloc(size) as *mut u8,
-            (0, true) => je::calloc(1, size) as *mut u8,
-            (_, false) => je::mallocx(size, flags) as *mut u8,
-            (_, true) => je::mallocx(size, flags | je::MALLOCX_ZERO) as *mut u8,
+        if zeroed {
+            Jemalloc.alloc_zeroed(layout)
+        } else {
+            Jemalloc.alloc(layout)
         }
     }
 }
 
-/// Frees what [`alloc`] returned for the same size and alignment.
+/// Frees what [`alloc`] returned for the same layout.
 ///
 /// # Safety
-/// As `GlobalAlloc::dealloc`.
+/// As `GlobalAlloc::dealloc`, with a non-zero size.
 #[inline]
-pub(crate) unsafe fn free(ptr: *mut u8, size: usize, align: usize) {
+pub(crate) unsafe fn free(ptr: *mut u8, layout: Layout) {
     // SAFETY: the caller's contract.
-    unsafe { je::sdallocx(ptr as *mut c_void, size, flags(size, align)) }
+    unsafe { Jemalloc.dealloc(ptr, layout) }
 }
 
 /// Resizes what [`alloc`] returned, in place when jemalloc can.
 ///
 /// # Safety
-/// As `GlobalAlloc::realloc`, with `new_size` non-zero.
+/// As `GlobalAlloc::realloc`, with non-zero sizes.
 #[inline]
-pub(crate) unsafe fn realloc(ptr: *mut u8, align: usize, new_size: usize) -> *mut u8 {
+pub(crate) unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
     // SAFETY: the caller's contract.
-    unsafe { je::rallocx(ptr as *mut c_void, new_size, flags(new_size, align)) as *mut u8 }
+    unsafe { Jemalloc.realloc(ptr, layout, new_size) }
 }
