@@ -145,10 +145,26 @@ unsafe impl PerCpu for Locked {
         };
         let cap = t.cap(class);
         locked(t, cpu, t.site_of(class).rec_off, |rec| {
-            if rec.task.load() != TaskWord::EMPTY || chain.len() + rec.sig.len() > cap {
+            if rec.task.load() != TaskWord::EMPTY {
                 return false;
             }
+            #[cfg(test)]
+            test_hook::run(test_hook::Point::BeforeInstall);
+            // The chain goes in first and the signal list is counted after:
+            // a signal free (a handler interrupting us here, or another
+            // thread) checks the task word, so from the store on it counts
+            // the chain, and one that landed before it is in this count.
+            // Checked the other way round, every signal free between the
+            // check and the store would pass the cap against an empty task
+            // list, up to cap + the chain's length.
             rec.task.store(TaskWord::chain(chain));
+            #[cfg(test)]
+            test_hook::run(test_hook::Point::AfterInstall);
+            if chain.len() + rec.sig.len() > cap {
+                // Still ours: under the slot nothing pops a task list.
+                rec.task.store(TaskWord::EMPTY);
+                return false;
+            }
             true
         })
         .unwrap_or(false)
@@ -273,6 +289,47 @@ fn sched_cpu() -> Option<usize> {
     // No cheap CPU number: every thread shares slot 0 and the try-lock
     // sorts them out (a busy slot is a miss, never a wait).
     Some(0)
+}
+
+/// The unit tests' way to run code where a signal handler could interrupt
+/// an install: a closure the test sets, run once at the point named.
+#[cfg(test)]
+pub(crate) mod test_hook {
+    use std::cell::RefCell;
+
+    /// Where in [`Locked::install`](super::Locked) the hook runs.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(crate) enum Point {
+        BeforeInstall,
+        AfterInstall,
+    }
+
+    type Hook = (Point, Box<dyn FnOnce()>);
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` the next time this thread reaches `point`.
+    pub(crate) fn set(point: Point, f: impl FnOnce() + 'static) {
+        HOOK.with(|h| *h.borrow_mut() = Some((point, Box::new(f))));
+    }
+
+    pub(crate) fn run(point: Point) {
+        let hook = HOOK.with(|h| {
+            let mut h = h.borrow_mut();
+            match h.take() {
+                Some((p, f)) if p == point => Some(f),
+                other => {
+                    *h = other;
+                    None
+                }
+            }
+        });
+        if let Some(f) = hook {
+            f();
+        }
+    }
 }
 
 /// The unit tests' way to run an operation "on" any CPU: a thread's

@@ -572,3 +572,52 @@ fn the_rseq_path_follows_the_model() {
 fn the_fallback_path_follows_the_model() {
     run(Path::Fallback);
 }
+
+/// A splice's install on the fallback path is plain code under the slot,
+/// so a signal handler can interrupt it and free blocks in signal context
+/// while the task list is about to receive the spliced chain. Those frees
+/// must count the chain: the record may end at most one past the cap
+/// (the documented race), never at the chain's length past it. Run with
+/// the handler's frees landing before the chain is stored and after.
+#[test]
+fn signal_frees_during_an_install_count_the_chain() {
+    use crate::fallback::test_hook::{self, Point};
+    const CAP: u32 = 32;
+    for point in [Point::BeforeInstall, Point::AfterInstall] {
+        let config = Config::new()
+            .with_cap(CAP)
+            .with_splice_threshold(4)
+            .with_read_env(false);
+        let mut engine = Engine::new(&config, Path::Fallback, 1);
+        let blocks: Vec<usize> = (0..2 * CAP)
+            .map(|_| engine.alloc(Some(0), 0, false))
+            .collect();
+        engine.held.clear();
+        let (spliced, handler) = blocks.split_at(CAP as usize);
+        for &b in spliced {
+            engine.free(b, 0, Some(0), true);
+        }
+        let table = engine.table;
+        let class = engine.class(0);
+        let handler = handler.to_vec();
+        test_hook::set(point, move || {
+            let _signal = enter_signal_context();
+            // SAFETY: the table lives until `engine` drops; the blocks are
+            // the test's, of this class, and it lets go of them here.
+            unsafe {
+                let t = &*table;
+                for &b in &handler {
+                    free::<Locked>(t, t.site_of(class), b as *mut u8);
+                }
+            }
+        });
+        let got = engine.alloc(Some(0), 0, false);
+        assert!(spliced.contains(&got), "{point:?}: the alloc spliced");
+        let rec = engine.table().record(0, class).unwrap();
+        let total = rec.task.load().len() + rec.sig.len();
+        assert!(
+            total <= CAP + 1,
+            "{point:?}: nr + nr_sig = {total} after an interrupted install, cap {CAP}"
+        );
+    }
+}
