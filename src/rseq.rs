@@ -48,7 +48,8 @@ mod imp {
     use super::*;
     use crate::list::{fits, COUNT_SHIFT, PTR_MASK};
     use crate::table::{
-        BASES, CAP_BY_SIZE, CHAIN, CHAIN_LIST, DEFERRED_OFF, REC_HDR, SIG_OFF, SPECIAL, TASK_OFF,
+        BASES, CAP_BY_SIZE, CHAIN, CHAIN_FLAGS, CHAIN_LEN_MASK, CHAIN_LIST, DEFERRED_OFF,
+        FLAG_SHIFT, REC_HDR, SIG_OFF, SPECIAL, TASK_OFF,
     };
     use core::arch::asm;
 
@@ -153,12 +154,12 @@ mod imp {
                 "xor {x}, {key}\n",
                 "xor {x}, {p}\n",
                 "mov {y}, {w}\n",
-                "shr {y}, 48\n",
-                "and {y}, 0x1fff\n",
+                "shr {y}, {count_shift}\n",
+                "and {y}, {len_mask}\n",
                 "sub {y}, 1\n",
-                "shl {y}, 48\n",
+                "shl {y}, {count_shift}\n",
                 "xor {y}, {x}\n",
-                "shr {y}, 48\n",
+                "shr {y}, {count_shift}\n",
                 "jnz 8f\n",
                 "test {x:e}, 7\n",
                 "jnz 8f\n",
@@ -346,8 +347,8 @@ mod imp {
                         "mov {w}, qword ptr [{r} + {task}]",
                         // SPECIAL | CHAIN and no DRAIN in the top three bits.
                         "mov {x}, {w}",
-                        "shr {x}, 61",
-                        "cmp {x}, 5",
+                        "shr {x}, {flag_shift}",
+                        "cmp {x}, {chain_flags}",
                         "jne 7f",
                         "mov {p}, {w}",
                         "and {p}, {mask}",
@@ -373,6 +374,8 @@ mod imp {
                         x = out(reg) _,
                         bases = const BASES,
                         task = const TASK_OFF,
+                        flag_shift = const FLAG_SHIFT,
+                        chain_flags = const CHAIN_FLAGS,
                         $($hardening)*
                         options(nostack),
                     )
@@ -382,7 +385,12 @@ mod imp {
             // section, so it is the link of the block the commit unlinks.
             unsafe {
                 #[cfg(feature = "hardened")]
-                section!(key = in(reg) crate::hardened::secret(), y = out(reg) _,);
+                section!(
+                    key = in(reg) crate::hardened::secret(),
+                    y = out(reg) _,
+                    count_shift = const COUNT_SHIFT,
+                    len_mask = const CHAIN_LEN_MASK,
+                );
                 #[cfg(not(feature = "hardened"))]
                 section!();
             }
@@ -403,14 +411,14 @@ mod imp {
                         section_start!("{refused}"),
                         "mov {w}, qword ptr [{r} + {task}]",
                         "mov {x}, {w}",
-                        "shr {x}, 61",
-                        "cmp {x}, 5",
+                        "shr {x}, {flag_shift}",
+                        "cmp {x}, {chain_flags}",
                         "jne {refused}",
                         // The chain's length (13 bits) plus nr_sig, against
                         // the cap.
                         "mov {x}, {w}",
                         "shr {x}, {count_shift}",
-                        "and {x}, 0x1fff",
+                        "and {x}, {len_mask}",
                         "mov {s}, qword ptr [{r} + {sig}]",
                         "shr {s}, {count_shift}",
                         "add {s}, {x}",
@@ -443,6 +451,9 @@ mod imp {
                         task = const TASK_OFF,
                         sig = const SIG_OFF,
                         count_shift = const COUNT_SHIFT,
+                        flag_shift = const FLAG_SHIFT,
+                        chain_flags = const CHAIN_FLAGS,
+                        len_mask = const CHAIN_LEN_MASK,
                         refused = label {
                             return false;
                         },

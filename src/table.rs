@@ -66,10 +66,21 @@ pub(crate) const DRAIN: u64 = 1 << 62;
 /// The list is a chain of linked blocks, spliced from a signal list (with
 /// [`SPECIAL`]).
 pub(crate) const CHAIN: u64 = 1 << 61;
-/// The bits of a chain's list word inside a task word: its length fits in
-/// 13 bits, under [`CHAIN`].
-pub(crate) const CHAIN_LIST: u64 = PTR_MASK | ((1 << 13) - 1) << COUNT_SHIFT;
-const _: () = assert!(Config::MAX_CAP < (1 << 13) - 1);
+/// The length of a chain, in the 13 bits above its head, under [`CHAIN`].
+pub(crate) const CHAIN_LEN_MASK: u64 = (1 << 13) - 1;
+/// The bits of a chain's list word inside a task word.
+pub(crate) const CHAIN_LIST: u64 = PTR_MASK | CHAIN_LEN_MASK << COUNT_SHIFT;
+const _: () = assert!((Config::MAX_CAP as u64) < CHAIN_LEN_MASK);
+/// The sections read the three flag bits as one number: the task word
+/// shifted right by `FLAG_SHIFT` is [`CHAIN_FLAGS`] exactly for a chain no
+/// drain owns.
+pub(crate) const FLAG_SHIFT: u32 = 61;
+pub(crate) const CHAIN_FLAGS: u64 = (SPECIAL | CHAIN) >> FLAG_SHIFT;
+const _: () = assert!(
+    (SPECIAL | DRAIN | CHAIN) >> FLAG_SHIFT == 0b111
+        && CHAIN_LIST >> FLAG_SHIFT == 0
+        && CHAIN_LEN_MASK << COUNT_SHIFT < CHAIN
+);
 
 impl TaskWord {
     /// No blocks.
