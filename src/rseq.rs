@@ -616,3 +616,92 @@ pub(crate) mod fake {
         });
     }
 }
+
+/// What the sections assume of glibc's real rseq area (docs/design.md
+/// section 8), checked where this machine can: `cpu_id` names the CPU the
+/// thread runs on, and nothing the crate does writes the ID fields, which
+/// a kernel in rseq "V2" mode treats as read-only. (A kernel in legacy
+/// mode rewrites them on every return to user space, so there the second
+/// check can only catch a write made since the last one.)
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
+mod area_tests {
+    use core::alloc::{GlobalAlloc, Layout};
+
+    /// `cpu_id_start` and `cpu_id` of this thread's registered area.
+    fn ids(offset: isize) -> (u32, i32) {
+        let tp: usize;
+        // SAFETY: the thread pointer's first word holds the thread pointer
+        // itself on x86_64 Linux; the load touches nothing else.
+        unsafe {
+            core::arch::asm!("mov {tp}, qword ptr fs:[0]", tp = out(reg) tp, options(nostack, readonly, preserves_flags));
+        }
+        let area = tp.wrapping_add_signed(offset) as *const u32;
+        // SAFETY: glibc registered an area of at least 20 bytes at this
+        // offset for every thread (`registered` said so); volatile, since
+        // the kernel writes it behind the compiler's back.
+        unsafe {
+            (
+                area.read_volatile(),
+                area.add(1).cast::<i32>().read_volatile(),
+            )
+        }
+    }
+
+    fn pin(cpu: usize) {
+        // SAFETY: a zeroed cpu_set_t is an empty set; the calls only read
+        // and write it and this thread's mask.
+        unsafe {
+            let mut set: libc::cpu_set_t = core::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            let rc = libc::sched_setaffinity(0, core::mem::size_of_val(&set), &set);
+            assert_eq!(rc, 0, "cannot pin to CPU {cpu}");
+        }
+    }
+
+    #[test]
+    fn cpu_id_names_the_cpu_and_no_section_writes_the_ids() {
+        let Some(offset) = super::registered() else {
+            eprintln!("glibc registered no rseq area: nothing to check");
+            return;
+        };
+        // SAFETY: as in `pin`.
+        let allowed: Vec<usize> = unsafe {
+            let mut set: libc::cpu_set_t = core::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, core::mem::size_of_val(&set), &mut set),
+                0
+            );
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect()
+        };
+        let alloc = crate::PerCpuAlloc::new();
+        let layout = Layout::from_size_align(64, 8).unwrap();
+        for &cpu in &allowed {
+            pin(cpu);
+            // SAFETY: sched_getcpu has no preconditions.
+            assert_eq!(unsafe { libc::sched_getcpu() }, cpu as i32);
+            assert_eq!(
+                super::imp::cpu_id(offset),
+                Some(cpu as u32),
+                "cpu_id on CPU {cpu}"
+            );
+            assert_eq!(ids(offset), (cpu as u32, cpu as i32), "before the sections");
+            // A burst of every kind of section this path runs for one
+            // class: pops and pushes past the cap, and a drain.
+            let blocks: Vec<*mut u8> = (0..300)
+                // SAFETY: a valid layout of non-zero size.
+                .map(|_| unsafe { alloc.alloc(layout) })
+                .collect();
+            for &b in &blocks {
+                assert!(!b.is_null());
+                // SAFETY: allocated just above with this layout.
+                unsafe { alloc.dealloc(b, layout) };
+            }
+            if alloc.path() == crate::Path::Rseq {
+                alloc.trim();
+            }
+            assert_eq!(ids(offset), (cpu as u32, cpu as i32), "after the sections");
+        }
+    }
+}
