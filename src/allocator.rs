@@ -119,8 +119,9 @@ impl PerCpuAlloc {
     }
 
     /// Which per-CPU path is live. Decided once, on first use (this call
-    /// counts): rseq if glibc registered it for the calling thread and the
-    /// fallback is not forced, else the fallback.
+    /// counts): rseq if glibc registered rseq for the process (a non-zero
+    /// `__rseq_size`), the possible CPUs could be read and the fallback is
+    /// not forced; else the fallback.
     ///
     /// ```
     /// let alloc = percpu_alloc::PerCpuAlloc::new();

@@ -15,7 +15,11 @@
 //! serves every class of the CPU.
 //!
 //! jemalloc is called with the drain bit held (nobody waits on it: the
-//! CPU's sections miss or overflow meanwhile), never with a slot held.
+//! CPU's sections miss or overflow meanwhile). On the fallback path the
+//! drain takes blocks out under the slot and frees them after releasing
+//! it; on the rseq path drains of one CPU take turns on its slot, which
+//! nothing else there takes, and hold it while they free, so only another
+//! drain can wait for it.
 
 use core::sync::atomic::{AtomicU8, Ordering};
 

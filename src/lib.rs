@@ -42,7 +42,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
-// Under `--cfg loom` (see `free_list::loom_tests`) only the lock-free
+// Under `--cfg loom` (see `list::loom_tests`) only the lock-free
 // lists are built, on loom's atomics. The rest of the crate keeps tables in
 // zeroed mmap'd memory and atomics in statics, which loom's atomics (no
 // `const fn new`, not valid when zeroed, larger) cannot be.

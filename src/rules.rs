@@ -25,9 +25,12 @@
 //! so the signal-context rules are the same on both paths.
 //!
 //! `nr + nr_sig` can pass the cap by one at most: a task-list push and a
-//! signal-list push from another thread (one that read this CPU's number
-//! and moved) may each check against the other's old count. Further pushes
-//! see the true total. (A test checks this bound.)
+//! signal-list push may each check against the other's old count (on the
+//! rseq path the signal push is another thread's, one that read this
+//! CPU's number and moved; on the fallback path it can also be a handler
+//! that interrupted the slot holder, or a free that found the slot busy).
+//! Further pushes see the true total. A splice's install is the one
+//! exception on the rseq path, docs/design.md section 1 ("Install").
 //!
 //! [`AtomicList`]: crate::list::AtomicList
 

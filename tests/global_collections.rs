@@ -1,7 +1,7 @@
 //! `PerCpuAlloc` installed as the global allocator: std collections,
 //! alignments from 1 byte to 1 MiB, realloc chains across every class,
 //! zeroed memory, zero and huge sizes, which per-CPU path is live, and
-//! what the stats and `trim` report (DESIGN.md sections 1 to 4 and 8).
+//! what the stats and `trim` report (docs/design.md sections 1 to 4 and 9).
 //!
 //! Every test holds `SERIAL`: some read per-CPU counts of the global
 //! allocator, which other tests running at the same time would disturb.
@@ -504,7 +504,7 @@ fn zero_size_layouts() {
         let mut live = Vec::new();
         for zeroed in [false, true, false, true] {
             // SAFETY: `GlobalAlloc` leaves zero-sized requests to the
-            // implementation, and DESIGN.md section 3 promises they never
+            // implementation, and docs/design.md section 3 promises they never
             // crash: null or a block that `dealloc` takes back.
             let p = unsafe {
                 if zeroed {
@@ -764,7 +764,7 @@ fn snapshot_bounds_and_trim_matches_the_snapshot() {
     // must hold every time.
     for attempt in 1..=5 {
         // Fill the caches of every CPU in turn; the trim below runs on the
-        // first CPU and must still reach the others (DESIGN.md section 4).
+        // first CPU and must still reach the others (docs/design.md section 4).
         let mut short = Vec::new();
         for &core in cores.iter().rev() {
             let cpu = pin(core);

@@ -1,5 +1,5 @@
-//! fork() while other threads churn through the allocator (DESIGN.md
-//! section 8): the child inherits the per-CPU caches mid-operation, with
+//! fork() while other threads churn through the allocator (docs/design.md
+//! section 6, "Fork"): the child inherits the per-CPU caches mid-operation, with
 //! only the forking thread left, and must still allocate, free and exit
 //! cleanly.
 

@@ -1,4 +1,4 @@
-//! Signal context (DESIGN.md sections 1, 2 and 8): a storm of signals whose
+//! Signal context (docs/design.md sections 1, 2 and 9): a storm of signals whose
 //! handler frees (past the cap) and allocates from the cache while its
 //! target threads are inside the allocator, and the signal-list rules
 //! checked step by step on private instances pinned to one CPU, on both
@@ -385,7 +385,7 @@ fn give(a: &PerCpuAlloc, blocks: &[*mut u8], signal: bool) {
 }
 
 /// The signal-list rules on `a`, from this thread pinned to one CPU, so
-/// every count is exact (DESIGN.md section 1, section 8's boundaries).
+/// every count is exact (docs/design.md section 1, at the boundaries section 9 lists).
 fn signal_list_rules(a: &PerCpuAlloc, what: &str) {
     let cores = cores();
     let cpu = pin(*cores.last().unwrap());

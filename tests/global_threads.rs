@@ -3,7 +3,7 @@
 //! and owner, a share of them freed by other threads, every pattern checked
 //! before its free, threads moved between CPUs mid-loop. Afterwards the
 //! caches must be within their caps and a trim must empty them
-//! (DESIGN.md sections 1, 4 and 8).
+//! (docs/design.md sections 1, 4 and 9).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Instances other than the global one (DESIGN.md sections 1, 3 and 4):
+//! Instances other than the global one (docs/design.md sections 1, 3 and 4):
 //! configured caps and thresholds seen through `counts`, the per-CPU byte
 //! bound, cross-thread use of a shared instance, layouts that bypass the
 //! cache, and dropping an instance giving its blocks back.

@@ -1,6 +1,6 @@
 //! The allocator's hot path against system malloc, jemalloc and mimalloc, side by side
-//! in one run (DESIGN.md section 7: on a shared machine only the ratios mean
-//! much).
+//! in one run (on a shared machine only the ratios mean much: docs/benchmarks.md,
+//! "How it was measured").
 //!
 //! Every allocator is called through its `GlobalAlloc` impl on a static of
 //! its own; the bench binary's global allocator (system malloc) only serves

@@ -169,7 +169,8 @@ pub fn unpin() {
 }
 
 /// Every list of `alloc` within the cap, allowing the one block of drift
-/// that racing task and signal pushes may cause (rules.rs, `free_signal`).
+/// that racing task and signal pushes may cause (docs/design.md section 1,
+/// "The drift").
 pub fn assert_within_caps(alloc: &PerCpuAlloc) {
     for c in alloc.snapshot() {
         assert!(
