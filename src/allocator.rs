@@ -13,6 +13,7 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::backend;
 use crate::config::Config;
+use crate::context::{self, Context};
 use crate::drain;
 use crate::env;
 use crate::fallback::{self, Locked};
@@ -372,6 +373,42 @@ impl PerCpuAlloc {
             Path::Rseq => rules::alloc_cached::<Rseq>(table, site),
             Path::Fallback => rules::alloc_cached::<Locked>(table, site),
         }
+    }
+
+    /// Frees a block without its layout, as C's `free` must: jemalloc's
+    /// usable size of the block is its class size, and every block this
+    /// allocator hands out, cached or not, has the class of that size
+    /// (cached blocks are jemalloc blocks of exactly their class), so the
+    /// block goes back where a `dealloc` with that size would send it.
+    ///
+    /// # Safety
+    /// `ptr` is a live block from this allocator (any layout), not used
+    /// after.
+    ///
+    /// In signal context the usable size would be jemalloc's to say, which
+    /// a handler must not ask, so the block is deferred instead (see
+    /// `rules::defer_unsized`).
+    #[inline]
+    pub(crate) unsafe fn dealloc_unsized(&self, ptr: *mut u8) {
+        if context::any_signal_context() && context::current_context() == Context::Signal {
+            if let Some(t) = self.table_if_made() {
+                // SAFETY: the caller's contract.
+                unsafe {
+                    match t.header().path {
+                        Path::Rseq => rules::defer_unsized::<Rseq>(t, ptr),
+                        Path::Fallback => rules::defer_unsized::<Locked>(t, ptr),
+                    }
+                }
+                return;
+            }
+        }
+        // SAFETY: the caller's contract: a live jemalloc block.
+        let size = unsafe { backend::usable_size(ptr) };
+        // SAFETY: the layout is valid (a class size, align 8), and a block
+        // of that class or a jemalloc block of that usable size is what
+        // `dealloc` with it takes: a cached size goes to its class's
+        // lists, a larger one to `sdallocx` with its own usable size.
+        unsafe { self.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
     }
 
     /// The table if it has been made; never makes it.

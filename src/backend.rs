@@ -48,6 +48,17 @@ pub(crate) unsafe fn free_unsized(block: *mut u8) {
     unsafe { je::dallocx(block as *mut c_void, 0) }
 }
 
+/// The usable size of a live jemalloc block: its class size for every
+/// block of a cached class, so the block's class can be found from it.
+///
+/// # Safety
+/// `block` is a live jemalloc allocation.
+#[inline(always)]
+pub(crate) unsafe fn usable_size(block: *const u8) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe { je::sallocx(block as *const c_void, 0) }
+}
+
 /// Allocates a layout the cache does not serve (large or over-aligned),
 /// through tikv-jemallocator, whose `GlobalAlloc` maps the layout to
 /// jemalloc's flags (none where jemalloc aligns the size anyway).

@@ -132,9 +132,16 @@ pub fn enter_signal_context() -> SignalGuard {
 impl Drop for SignalGuard {
     #[inline]
     fn drop(&mut self) {
-        let _ = SIGNAL_DEPTH.try_with(|d| d.set(d.get().wrapping_sub(1)));
-        SCOPES.fetch_sub(1, Ordering::Relaxed);
+        leave_signal_context();
     }
+}
+
+/// Ends one mark of [`enter_signal_context`]: the guard's drop, and C's
+/// `percpu_alloc_signal_leave`, whose caller pairs it with an enter.
+#[inline]
+pub(crate) fn leave_signal_context() {
+    let _ = SIGNAL_DEPTH.try_with(|d| d.set(d.get().wrapping_sub(1)));
+    SCOPES.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// A signal handler run by [`install_signal_handler`], with the signal

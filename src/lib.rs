@@ -53,6 +53,8 @@ mod allocator;
 #[cfg(not(loom))]
 mod backend;
 #[cfg(not(loom))]
+pub mod c_abi;
+#[cfg(not(loom))]
 mod config;
 #[cfg(not(loom))]
 mod context;
@@ -98,7 +100,11 @@ pub use stats::{ClassStats, Counters, CpuStats, ListCounts, Snapshot, Stats, Tri
 
 /// The global allocator installed by the `global` feature: a default
 /// [`PerCpuAlloc`]. Use it to read stats or trim:
-/// `percpu_alloc::GLOBAL.trim()`.
+/// `percpu_alloc::GLOBAL.trim()`. With the `override` feature it also
+/// serves C's `malloc`, `free` and the rest (see [`c_abi`]), so a program
+/// with both has one cache for its Rust and C allocations; with
+/// `override` alone, Rust's default allocator (`System`) calls that
+/// `malloc`, which ends in the same place.
 ///
 /// ```
 /// // Every allocation of this program goes through `GLOBAL`.
@@ -109,6 +115,6 @@ pub use stats::{ClassStats, Counters, CpuStats, ListCounts, Snapshot, Stats, Tri
 /// assert!(global.cached_bytes() <= global.cpu_bound_bytes() * global.cpus());
 /// global.trim_current_cpu();
 /// ```
-#[cfg(all(feature = "global", not(loom)))]
-#[global_allocator]
+#[cfg(all(any(feature = "global", feature = "override"), not(loom)))]
+#[cfg_attr(feature = "global", global_allocator)]
 pub static GLOBAL: PerCpuAlloc = PerCpuAlloc::new();

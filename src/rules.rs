@@ -365,6 +365,24 @@ unsafe fn free_to_signal_list<P: PerCpu>(t: &Table, class: Class, block: *mut u8
     }
 }
 
+/// A signal-context free of a block whose class is not known (C's `free`
+/// in a handler). Finding the class would ask jemalloc, which a handler
+/// must not call, so the block goes to the current CPU's deferred list
+/// (CPU 0's without a CPU number), which takes blocks of any class and
+/// which task context hands back to jemalloc. Lock-free.
+///
+/// # Safety
+/// `block` is a live block of this table's allocator, not used after.
+pub(crate) unsafe fn defer_unsized<P: PerCpu>(t: &Table, block: *mut u8) {
+    if !fits(block) {
+        // As in `free_to_signal_list`: a leak, not a corruption.
+        return;
+    }
+    let cpu = P::cpu_hint(t).unwrap_or(0);
+    // SAFETY: our caller's block, which fits a list word.
+    unsafe { t.cpu(cpu).deferred.push_saturating(block) };
+}
+
 /// The current CPU's record of `class`, if there is a current CPU.
 #[inline]
 fn here<P: PerCpu>(t: &Table, class: Class) -> Option<&Record> {
