@@ -1,0 +1,18 @@
+//! `libpercpu_alloc.so`: percpu-alloc's caches in front of jemalloc as the
+//! C `malloc` of any dynamically linked program.
+//!
+//! ```text
+//! cargo build --release -p percpu-alloc-capi
+//! LD_PRELOAD=target/release/libpercpu_alloc.so some-program
+//! ```
+//!
+//! Every symbol comes from the library's `override` feature
+//! (`percpu_alloc::c_abi`): `malloc`, `free`, `calloc`, `realloc`,
+//! `reallocarray`, `posix_memalign`, `aligned_alloc`, `memalign`,
+//! `valloc`, `pvalloc`, `malloc_usable_size`, `free_sized`,
+//! `free_aligned_sized`, and the calls declared in
+//! `include/percpu_alloc.h`. This crate only links it into a shared
+//! library.
+
+// Linked for its exported symbols; nothing here names them.
+use percpu as _;
