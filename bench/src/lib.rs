@@ -2,4 +2,5 @@
 //! criterion benches (`benches/`). Not published; nothing here is part of
 //! the library.
 
+pub mod host;
 pub mod micro;
