@@ -380,17 +380,41 @@ impl PerCpuAlloc {
     /// allocator hands out, cached or not, has the class of that size
     /// (cached blocks are jemalloc blocks of exactly their class), so the
     /// block goes back where a `dealloc` with that size would send it.
+    /// With `override` the size comes from the page's class record when
+    /// it has one (see `size_map`).
+    ///
+    /// In signal context the usable size could be jemalloc's to say, which
+    /// a handler must not ask, so the block is deferred instead (see
+    /// `rules::defer_unsized`).
     ///
     /// # Safety
     /// `ptr` is a live block from this allocator (any layout), not used
     /// after.
-    ///
-    /// In signal context the usable size would be jemalloc's to say, which
-    /// a handler must not ask, so the block is deferred instead (see
-    /// `rules::defer_unsized`).
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn dealloc_unsized(&self, ptr: *mut u8) {
-        if context::any_signal_context() && context::current_context() == Context::Signal {
+        if context::any_signal_context() {
+            // SAFETY: forwarded.
+            return unsafe { self.dealloc_unsized_in_some_context(ptr) };
+        }
+        // SAFETY: the caller's contract.
+        let size = unsafe { self.usable_size(ptr) };
+        // SAFETY: the layout is valid (a class size, align 8), and a block
+        // of that class or a jemalloc block of that usable size is what
+        // `dealloc` with it takes: a cached size goes to its class's
+        // lists, a larger one to `sdallocx` with its own usable size.
+        unsafe { self.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
+    }
+
+    /// [`dealloc_unsized`](Self::dealloc_unsized) while some thread holds
+    /// a signal-context mark; out of line, since only this path reads the
+    /// thread-local mark (a call to `__tls_get_addr` in a shared library).
+    ///
+    /// # Safety
+    /// As `dealloc_unsized`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_unsized_in_some_context(&self, ptr: *mut u8) {
+        if context::current_context() == Context::Signal {
             if let Some(t) = self.table_if_made() {
                 // SAFETY: the caller's contract.
                 unsafe {
@@ -402,13 +426,27 @@ impl PerCpuAlloc {
                 return;
             }
         }
-        // SAFETY: the caller's contract: a live jemalloc block.
-        let size = unsafe { backend::usable_size(ptr) };
-        // SAFETY: the layout is valid (a class size, align 8), and a block
-        // of that class or a jemalloc block of that usable size is what
-        // `dealloc` with it takes: a cached size goes to its class's
-        // lists, a larger one to `sdallocx` with its own usable size.
-        unsafe { self.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
+        // SAFETY: as in `dealloc_unsized`.
+        unsafe {
+            let size = self.usable_size(ptr);
+            self.dealloc(ptr, Layout::from_size_align_unchecked(size, 8))
+        }
+    }
+
+    /// A live block's usable size: its class size for a cached class. With
+    /// `override` the page's class record answers when it has one (see
+    /// `size_map`), jemalloc otherwise.
+    ///
+    /// # Safety
+    /// `ptr` is a live block from this allocator.
+    #[inline(always)]
+    pub(crate) unsafe fn usable_size(&self, ptr: *mut u8) -> usize {
+        #[cfg(feature = "override")]
+        if let Some(class) = crate::size_map::class_of_block(ptr) {
+            return class.size();
+        }
+        // SAFETY: the caller's contract.
+        unsafe { usable_size_from_jemalloc(ptr) }
     }
 
     /// The table if it has been made; never makes it.
@@ -563,6 +601,17 @@ fn alloc_uncommon<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Ta
     alloc_uncached(size, align, zeroed)
 }
 
+/// jemalloc's usable size of a block, out of line: with `override` the
+/// page records answer for nearly every cached block.
+///
+/// # Safety
+/// `ptr` is a live jemalloc block.
+#[cfg_attr(feature = "override", cold, inline(never))]
+unsafe fn usable_size_from_jemalloc(ptr: *mut u8) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe { backend::usable_size(ptr) }
+}
+
 /// Allocates from jemalloc a layout the cache does not serve. A zero size
 /// is asked for as 1, so it still gets a block of its own (and
 /// `GlobalAlloc` is never handed a zero size); an alignment for which even
@@ -571,9 +620,20 @@ fn alloc_uncommon<P: PerCpu>(size: usize, align: usize, zeroed: bool, table: &Ta
 fn alloc_uncached(size: usize, align: usize, zeroed: bool) -> *mut u8 {
     match Layout::from_size_align(size.max(1), align) {
         // SAFETY: the size is non-zero.
-        Ok(layout) => unsafe { backend::alloc(layout, zeroed) },
+        Ok(layout) => forget_class(unsafe { backend::alloc(layout, zeroed) }),
         Err(_) => ptr::null_mut(),
     }
+}
+
+/// A block just taken from jemalloc for no cached class: with `override`,
+/// its page's class record is cleared (see `size_map`).
+#[inline(always)]
+fn forget_class(block: *mut u8) -> *mut u8 {
+    #[cfg(feature = "override")]
+    if !block.is_null() {
+        crate::size_map::forget(block);
+    }
+    block
 }
 
 /// Frees what [`alloc_uncached`] returned for this size and alignment.
@@ -749,7 +809,7 @@ unsafe impl GlobalAlloc for PerCpuAlloc {
             // zero size asked for as 1 (so that layout is valid too).
             (None, None) => unsafe {
                 let old = Layout::from_size_align_unchecked(layout.size().max(1), layout.align());
-                backend::realloc(ptr, old, new_size.max(1))
+                forget_class(backend::realloc(ptr, old, new_size.max(1)))
             },
             _ => {
                 // SAFETY: `new_layout` is valid (checked above).

@@ -23,8 +23,9 @@
 //! bytes, which no 16-aligned type fits in, can be aligned to 8 only
 //! (jemalloc does the same).
 //!
-//! `free` has no size; jemalloc's usable size of the block is its class
-//! size, which finds its class (see `PerCpuAlloc::dealloc_unsized`).
+//! `free` has no size; the block's usable size is its class size, which
+//! finds its class: from the page's class record with `override` (see
+//! `size_map`), else from jemalloc (`PerCpuAlloc::dealloc_unsized`).
 //! `free_sized` and `free_aligned_sized` (C23) take the size the program
 //! gives and save that lookup.
 
@@ -74,6 +75,7 @@ fn page_size() -> usize {
 ///
 /// # Safety
 /// None beyond C's: the block is freed once, through this allocator.
+#[inline(always)]
 pub unsafe fn malloc(a: &PerCpuAlloc, size: usize) -> *mut c_void {
     match Layout::from_size_align(size, MALLOC_ALIGN) {
         // SAFETY: a valid layout; a zero size gets a block of its own.
@@ -102,6 +104,7 @@ pub unsafe fn calloc(a: &PerCpuAlloc, n: usize, size: usize) -> *mut c_void {
 /// # Safety
 /// `p` is null or a live block from this allocator's C functions, not used
 /// after.
+#[inline(always)]
 pub unsafe fn free(a: &PerCpuAlloc, p: *mut c_void) {
     if !p.is_null() {
         // SAFETY: the caller's contract.
@@ -171,7 +174,7 @@ pub unsafe fn realloc(a: &PerCpuAlloc, p: *mut c_void, size: usize) -> *mut c_vo
         return enomem();
     }
     // SAFETY: a live jemalloc block (the caller's contract).
-    let old = unsafe { crate::backend::usable_size(p.cast()) };
+    let old = unsafe { a.usable_size(p.cast()) };
     // SAFETY: `old` is the block's class size, so the layout is the one a
     // `dealloc` of it takes (see `dealloc_unsized`); the new size makes a
     // valid layout (checked). Copying `old` bytes reads only the block.
@@ -293,12 +296,12 @@ pub unsafe fn pvalloc(a: &PerCpuAlloc, size: usize) -> *mut c_void {
 ///
 /// # Safety
 /// `p` is null or a live block from this allocator's C functions.
-pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
+pub unsafe fn malloc_usable_size(a: &PerCpuAlloc, p: *mut c_void) -> usize {
     if p.is_null() {
         0
     } else {
         // SAFETY: the caller's contract.
-        unsafe { crate::backend::usable_size(p.cast()) }
+        unsafe { a.usable_size(p.cast()) }
     }
 }
 
@@ -442,7 +445,7 @@ mod exports {
     #[no_mangle]
     pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
         // SAFETY: forwarded.
-        unsafe { super::malloc_usable_size(p) }
+        unsafe { super::malloc_usable_size(&GLOBAL, p) }
     }
 
     /// Marks the calling thread as in signal context until the matching
@@ -516,13 +519,13 @@ mod tests {
                 if size >= 16 {
                     assert_eq!(p as usize % 16, 0, "malloc({size})");
                 }
-                let usable = malloc_usable_size(p);
+                let usable = malloc_usable_size(&a, p);
                 assert!(usable >= size);
                 p.cast::<u8>().write_bytes(0xA5, usable);
                 free(&a, p);
             }
             free(&a, ptr::null_mut());
-            assert_eq!(malloc_usable_size(ptr::null_mut()), 0);
+            assert_eq!(malloc_usable_size(&a, ptr::null_mut()), 0);
             assert!(malloc(&a, black_box(usize::MAX)).is_null());
             assert_eq!(errno(), libc::ENOMEM);
         }
@@ -593,7 +596,7 @@ mod tests {
             let page = page_size();
             let v = pvalloc(&a, page + 1);
             assert_eq!(v as usize % page, 0);
-            assert!(malloc_usable_size(v) >= 2 * page);
+            assert!(malloc_usable_size(&a, v) >= 2 * page);
             free(&a, v);
         }
     }

@@ -77,6 +77,8 @@ mod rules;
 #[cfg(not(loom))]
 mod size_class;
 #[cfg(not(loom))]
+mod size_map;
+#[cfg(not(loom))]
 mod stats;
 mod stderr;
 #[cfg(not(loom))]

@@ -230,6 +230,10 @@ fn alloc_other(t: &Table, site: Site, zeroed: bool) -> *mut u8 {
 #[inline(always)]
 fn fresh(site: Site, zeroed: bool) -> *mut u8 {
     let block = backend::alloc_sized(site.size(), zeroed);
+    #[cfg(feature = "override")]
+    if !block.is_null() {
+        crate::size_map::record(block, site.class());
+    }
     if cfg!(feature = "hardened") && !block.is_null() {
         // jemalloc may hand back a block this cache once marked.
         hardened::on_alloc(block, site.class().size());

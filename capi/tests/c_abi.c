@@ -223,6 +223,35 @@ __attribute__((constructor(101))) static void allocate_early(void) {
     if (early != NULL) fill(early, 100, 100);
 }
 
+/* Pages move between jemalloc's extents: once small blocks are back with
+ * jemalloc, their pages may start large blocks. The library knows a
+ * block's class by its page, so a large block freed there must not be
+ * taken for one of the old class: nothing may be cached after large
+ * blocks alone were freed. */
+static void test_pages_change_hands(void) {
+    enum { SMALL = 20000, LARGE = 200 };
+    static void *blocks[SMALL];
+    for (int round = 0; round < 5; round++) {
+        for (int i = 0; i < SMALL; i++) blocks[i] = malloc(48 + (size_t)(round % 3) * 16);
+        for (int i = 0; i < SMALL; i++) free(blocks[i]);
+        percpu_alloc_trim();
+        for (int i = 0; i < LARGE; i++) {
+            size_t n = 16384 + (size_t)i * 512;
+            blocks[i] = malloc(n);
+            CHECK(blocks[i] != NULL, "large malloc");
+            fill(blocks[i], n, (uintptr_t)i);
+            CHECK(malloc_usable_size(blocks[i]) >= n, "large usable size");
+        }
+        for (int i = 0; i < LARGE; i++) {
+            CHECK(holds(blocks[i], 16384 + (size_t)i * 512, (uintptr_t)i), "large block");
+            free(blocks[i]);
+        }
+        CHECK(percpu_alloc_cached_bytes() == 0,
+              "large frees were taken for cached blocks: %zu bytes cached",
+              percpu_alloc_cached_bytes());
+    }
+}
+
 int main(void) {
     check_preloaded();
     CHECK(early != NULL && holds(early, 100, 100), "a block allocated before main");
@@ -232,6 +261,7 @@ int main(void) {
     test_realloc();
     test_aligned();
     test_sized_frees();
+    test_pages_change_hands();
     test_cache_is_ours();
     printf("ok: c_abi (%s path)\n", percpu_alloc_rseq() ? "rseq" : "fallback");
     return 0;
