@@ -396,8 +396,27 @@ impl PerCpuAlloc {
             // SAFETY: forwarded.
             return unsafe { self.dealloc_unsized_in_some_context(ptr) };
         }
-        // SAFETY: the caller's contract.
-        let size = unsafe { self.usable_size(ptr) };
+        #[cfg(feature = "override")]
+        if let Some(class) = crate::size_map::class_of_block(ptr) {
+            // SAFETY: as below, with the class the page recorded.
+            return unsafe {
+                self.dealloc(ptr, Layout::from_size_align_unchecked(class.size(), 8))
+            };
+        }
+        // Every exit is a tail call, so the hit path saves no register.
+        // SAFETY: forwarded.
+        unsafe { self.dealloc_with_jemallocs_size(ptr) }
+    }
+
+    /// The rest of [`dealloc_unsized`](Self::dealloc_unsized), with
+    /// jemalloc's usable size of the block.
+    ///
+    /// # Safety
+    /// As `dealloc_unsized`.
+    #[cfg_attr(feature = "override", cold, inline(never))]
+    unsafe fn dealloc_with_jemallocs_size(&self, ptr: *mut u8) {
+        // SAFETY: the caller's contract: a live jemalloc block.
+        let size = unsafe { backend::usable_size(ptr) };
         // SAFETY: the layout is valid (a class size, align 8), and a block
         // of that class or a jemalloc block of that usable size is what
         // `dealloc` with it takes: a cached size goes to its class's
