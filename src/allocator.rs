@@ -396,16 +396,26 @@ impl PerCpuAlloc {
             // SAFETY: forwarded.
             return unsafe { self.dealloc_unsized_in_some_context(ptr) };
         }
-        #[cfg(feature = "override")]
-        if let Some(class) = crate::size_map::class_of_block(ptr) {
-            // SAFETY: as below, with the class the page recorded.
-            return unsafe {
-                self.dealloc(ptr, Layout::from_size_align_unchecked(class.size(), 8))
-            };
-        }
         // Every exit is a tail call, so the hit path saves no register.
+        #[cfg(feature = "override")]
+        return match crate::size_map::class_of_block(ptr) {
+            // SAFETY: as in `dealloc_with_jemallocs_size`, with the class
+            // the page recorded.
+            Some(class) => unsafe {
+                self.dealloc(ptr, Layout::from_size_align_unchecked(class.size(), 8))
+            },
+            // No record: a block of no cached class, as good as always
+            // (see `size_map`). jemalloc takes any of its blocks, so it
+            // gets this one without being asked its size first; a cached
+            // class's block that lands here is merely not cached.
+            // SAFETY: the caller's contract: a live jemalloc block.
+            None => unsafe { backend::free_unsized(ptr) },
+        };
+        #[cfg(not(feature = "override"))]
         // SAFETY: forwarded.
-        unsafe { self.dealloc_with_jemallocs_size(ptr) }
+        unsafe {
+            self.dealloc_with_jemallocs_size(ptr)
+        }
     }
 
     /// The rest of [`dealloc_unsized`](Self::dealloc_unsized), with
@@ -413,7 +423,7 @@ impl PerCpuAlloc {
     ///
     /// # Safety
     /// As `dealloc_unsized`.
-    #[cfg_attr(feature = "override", cold, inline(never))]
+    #[cfg_attr(feature = "override", allow(dead_code))]
     unsafe fn dealloc_with_jemallocs_size(&self, ptr: *mut u8) {
         // SAFETY: the caller's contract: a live jemalloc block.
         let size = unsafe { backend::usable_size(ptr) };
@@ -559,6 +569,11 @@ impl PerCpuAlloc {
 fn alloc_unserved(size: usize, align: usize, zeroed: bool, alloc: &PerCpuAlloc) -> *mut u8 {
     let table = alloc.rseq.load(Ordering::Acquire);
     if table != Table::unmade() {
+        if align <= 8 {
+            // The inline lookup found no class: larger than every cached
+            // size. Straight to jemalloc, with no second call on the way.
+            return alloc_uncached(size, align, zeroed);
+        }
         // SAFETY: a published table lives as long as `alloc`.
         return alloc_uncommon::<Rseq>(size, align, zeroed, unsafe { &*table });
     }
@@ -635,7 +650,7 @@ unsafe fn usable_size_from_jemalloc(ptr: *mut u8) -> usize {
 /// is asked for as 1, so it still gets a block of its own (and
 /// `GlobalAlloc` is never handed a zero size); an alignment for which even
 /// that cannot be a `Layout` gets null.
-#[inline]
+#[inline(always)]
 fn alloc_uncached(size: usize, align: usize, zeroed: bool) -> *mut u8 {
     match Layout::from_size_align(size.max(1), align) {
         // SAFETY: the size is non-zero.
@@ -659,7 +674,7 @@ fn forget_class(block: *mut u8) -> *mut u8 {
 ///
 /// # Safety
 /// As `GlobalAlloc::dealloc`, for a block [`alloc_uncached`] made.
-#[inline]
+#[inline(always)]
 unsafe fn free_uncached(ptr: *mut u8, size: usize, align: usize) {
     // SAFETY: `alloc_uncached` made the block with this very layout, so it
     // is a valid one; the rest is the caller's contract.
@@ -675,6 +690,12 @@ unsafe fn free_uncached(ptr: *mut u8, size: usize, align: usize) {
 unsafe fn dealloc_unserved(ptr: *mut u8, size: usize, align: usize, alloc: &PerCpuAlloc) {
     let table = alloc.rseq.load(Ordering::Acquire);
     if table != Table::unmade() {
+        if align <= 8 {
+            // As in `alloc_unserved`: `alloc` took it from jemalloc with
+            // `alloc_uncached`.
+            // SAFETY: forwarded contract.
+            return unsafe { free_uncached(ptr, size, align) };
+        }
         // SAFETY: a published table lives as long as `alloc`; forwarded
         // contract.
         return unsafe { dealloc_uncommon::<Rseq>(ptr, size, align, &*table) };
