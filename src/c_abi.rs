@@ -7,8 +7,8 @@
 //! and manual pages document, where it differs from bare C:
 //!
 //! - failures return null and set `errno` to `ENOMEM` (`EINVAL` for an
-//!   alignment that is not a power of two); `posix_memalign` returns the
-//!   error instead and leaves `errno` alone;
+//!   impossible alignment: see [`aligned_alloc`] and [`memalign`]);
+//!   `posix_memalign` returns the error instead and leaves `errno` alone;
 //! - `malloc(0)` returns a unique block; `realloc(NULL, n)` is `malloc(n)`;
 //!   `realloc(p, 0)` frees `p` and returns null, as glibc does;
 //! - `calloc` and `reallocarray` return null on a product that overflows;
@@ -24,8 +24,9 @@
 //! (jemalloc does the same).
 //!
 //! `free` has no size; the block's usable size is its class size, which
-//! finds its class: from the page's class record with `override` (see
-//! `size_map`), else from jemalloc (`PerCpuAlloc::dealloc_unsized`).
+//! finds its class. With `override` the page's class record gives it (see
+//! `size_map`), and a block whose page has none goes to jemalloc as it
+//! is; without, jemalloc is asked (`PerCpuAlloc::dealloc_unsized`).
 //! `free_sized` and `free_aligned_sized` (C23) take the size the program
 //! gives and save that lookup.
 

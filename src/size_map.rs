@@ -11,7 +11,7 @@
 //! live block's page is the one its own allocation wrote: a cached block,
 //! which jemalloc counts as allocated, keeps its page. Pages that were
 //! never recorded read 0, and so does every page of a gigabyte with no
-//! recorded block; the caller then asks jemalloc.
+//! recorded block; the caller then gives the block to jemalloc as it is.
 //!
 //! Two levels: a static root of one pointer per gigabyte of the 47-bit
 //! address space (1 MiB of zeroed `.bss`, touched only where used), and a
