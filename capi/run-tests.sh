@@ -16,10 +16,11 @@ for tool in gcc g++; do
     fi
 done
 
-cargo build --release --quiet -p percpu-alloc-capi
-cargo build --release --quiet -p percpu-alloc-capi --features hardened --target-dir target/capi-hardened
-plain=$PWD/target/release/libpercpu_alloc.so
-hardened=$PWD/target/capi-hardened/release/libpercpu_alloc.so
+# The `capi` profile: release with fat LTO (see Cargo.toml).
+cargo build --profile capi --quiet -p percpu-alloc-capi
+cargo build --profile capi --quiet -p percpu-alloc-capi --features hardened --target-dir target/capi-hardened
+plain=$PWD/target/capi/libpercpu_alloc.so
+hardened=$PWD/target/capi-hardened/capi/libpercpu_alloc.so
 
 out=target/capi-tests
 mkdir -p "$out"

@@ -2,8 +2,8 @@
 //! C `malloc` of any dynamically linked program.
 //!
 //! ```text
-//! cargo build --release -p percpu-alloc-capi
-//! LD_PRELOAD=target/release/libpercpu_alloc.so some-program
+//! cargo build --profile capi -p percpu-alloc-capi
+//! LD_PRELOAD=target/capi/libpercpu_alloc.so some-program
 //! ```
 //!
 //! Every symbol comes from the library's `override` feature

@@ -510,13 +510,20 @@ fn run(opts: &Options) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run_ok(
         Command::new(&cargo)
-            .args(["build", "--release", "--quiet", "-p", "percpu-alloc-capi"])
+            .args([
+                "build",
+                "--profile",
+                "capi",
+                "--quiet",
+                "-p",
+                "percpu-alloc-capi",
+            ])
             .arg("--manifest-path")
             .arg(repo_root().join("Cargo.toml"))
             .arg("--target-dir")
             .arg(target_dir()),
     )?;
-    let ours = target_dir().join("release/libpercpu_alloc.so");
+    let ours = target_dir().join("capi/libpercpu_alloc.so");
     let bin = target_dir().join("c-report/bin");
     build_programs(&opts.bench_c, &bin)?;
 
