@@ -396,7 +396,17 @@ impl PerCpuAlloc {
             // SAFETY: forwarded.
             return unsafe { self.dealloc_unsized_in_some_context(ptr) };
         }
-        // Every exit is a tail call, so the hit path saves no register.
+        // SAFETY: forwarded.
+        unsafe { self.dealloc_unsized_in_task(ptr) }
+    }
+
+    /// [`dealloc_unsized`](Self::dealloc_unsized) in task context. Every
+    /// exit is a tail call, so the hit path saves no register.
+    ///
+    /// # Safety
+    /// As `dealloc_unsized`.
+    #[inline(always)]
+    unsafe fn dealloc_unsized_in_task(&self, ptr: *mut u8) {
         #[cfg(feature = "override")]
         return match crate::size_map::class_of_block(ptr) {
             // SAFETY: as in `dealloc_with_jemallocs_size`, with the class
@@ -418,12 +428,12 @@ impl PerCpuAlloc {
         }
     }
 
-    /// The rest of [`dealloc_unsized`](Self::dealloc_unsized), with
-    /// jemalloc's usable size of the block.
+    /// The rest of [`dealloc_unsized`](Self::dealloc_unsized) without the
+    /// page records, with jemalloc's usable size of the block.
     ///
     /// # Safety
     /// As `dealloc_unsized`.
-    #[cfg_attr(feature = "override", allow(dead_code))]
+    #[cfg(not(feature = "override"))]
     unsafe fn dealloc_with_jemallocs_size(&self, ptr: *mut u8) {
         // SAFETY: the caller's contract: a live jemalloc block.
         let size = unsafe { backend::usable_size(ptr) };
@@ -455,11 +465,9 @@ impl PerCpuAlloc {
                 return;
             }
         }
-        // SAFETY: as in `dealloc_unsized`.
-        unsafe {
-            let size = self.usable_size(ptr);
-            self.dealloc(ptr, Layout::from_size_align_unchecked(size, 8))
-        }
+        // Another thread's mark, or no table to defer to.
+        // SAFETY: forwarded.
+        unsafe { self.dealloc_unsized_in_task(ptr) }
     }
 
     /// A live block's usable size: its class size for a cached class. With
