@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use percpu_alloc::{Config, Path, PerCpuAlloc};
+use percpu_bench::rng::Rng;
 use tikv_jemallocator::Jemalloc;
 
 static SYSTEM: System = System;
@@ -101,29 +102,10 @@ fn hot_pair_64(c: &mut Criterion) {
     group.finish();
 }
 
-/// xorshift64: a fixed seed gives every allocator, and every run, the same
-/// sizes and the same free order.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// `n` layouts with sizes uniform in 32..=64 (align 8) and a random
 /// permutation of 0..n to free them in.
 fn batch_inputs(n: usize) -> (Vec<Layout>, Vec<usize>) {
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let layouts = (0..n)
         .map(|_| Layout::from_size_align(32 + rng.below(33), 8).unwrap())
         .collect();

@@ -102,12 +102,9 @@ impl Batch {
             Order::Lifo => idx.reverse(),
             Order::Fifo => {}
             Order::Random => {
-                let mut x = 0x9E37_79B9_7F4A_7C15u64;
+                let mut rng = crate::rng::Rng(0x9E37_79B9_7F4A_7C15);
                 for i in (1..n).rev() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    idx.swap(i, (x % (i as u64 + 1)) as usize);
+                    idx.swap(i, rng.below(i + 1));
                 }
             }
         }

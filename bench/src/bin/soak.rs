@@ -155,7 +155,7 @@ fn stopping() -> bool {
 struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         // xorshift64*
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -163,10 +163,10 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
     fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
+        self.next_u64() % 100 < percent
     }
 }
 
@@ -321,7 +321,7 @@ fn alloc_block(rng: &mut Rng) -> Block {
         addr: p as usize,
         size,
         align,
-        gen: rng.next(),
+        gen: rng.next_u64(),
     };
     block.fill();
     block
@@ -649,7 +649,7 @@ fn churn(peers: &[Sender<Block>], seed: u64) {
     let mut rng = Rng(seed | 1);
     while !stopping() {
         let peer = peers[rng.below(peers.len())].clone();
-        let seed = rng.next() | 1;
+        let seed = rng.next_u64() | 1;
         std::thread::spawn(move || {
             let mut rng = Rng(seed);
             let mut mine: Vec<Block> = (0..50 + rng.below(300))

@@ -82,6 +82,8 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::{BTreeMap, HashMap};
+
+use percpu_bench::rng::Rng;
 use std::hint::black_box;
 use std::process::ExitCode;
 use std::sync::{mpsc, Barrier};
@@ -161,25 +163,6 @@ fn peak_rss_kib() -> u64 {
 
 // ---------------------------------------------------------------------------
 // Helpers shared by the workloads.
-
-/// xorshift64 with a fixed seed per workload and thread: every allocator
-/// sees the same sequence of requests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// A block whose content tells its length, so a block handed out twice or
 /// written by someone else is caught when it is checked.
@@ -533,10 +516,10 @@ fn vec_box(ops: usize) -> Result<Done, String> {
         if step % 20_000 == 0 {
             target = rng.below(6000);
         }
-        if live.len() < target || (live.len() == target && rng.next() & 1 == 0) {
+        if live.len() < target || (live.len() == target && rng.next_u64() & 1 == 0) {
             live.push(filled(1 + rng.below(256)));
         } else if !live.is_empty() {
-            let b = if rng.next() & 3 == 0 {
+            let b = if rng.next_u64() & 3 == 0 {
                 live.pop().unwrap_or_default()
             } else {
                 live.swap_remove(rng.below(live.len()))
