@@ -6,6 +6,7 @@ pub struct Rng(pub u64);
 
 impl Rng {
     /// The next value.
+    #[inline]
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
@@ -16,6 +17,7 @@ impl Rng {
     }
 
     /// A value below `n`.
+    #[inline]
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
