@@ -1,8 +1,10 @@
 //! The field's classic C allocator benchmarks, run the way the field runs
 //! them: each program under glibc's malloc (no preload), Debian's
 //! libjemalloc2, libmimalloc2.0 and libtcmalloc-minimal4, and
-//! libpercpu_alloc.so on the rseq path and on the fallback, by
-//! `LD_PRELOAD`, interleaved over rounds.
+//! libpercpu_alloc.so on the rseq path, on the fallback and with its
+//! caches off (`PERCPU_MAX_CACHED_SIZE=0`, which separates what the caches
+//! do from what the jemalloc build behind them does), by `LD_PRELOAD`,
+//! interleaved over rounds.
 //!
 //! ```text
 //! cargo run --release -p percpu-bench --bin c_report                 # target/c-report/
@@ -37,6 +39,9 @@ use percpu_bench::host::{machine_header, median, repo_root, target_dir};
 
 /// Where Debian puts the allocators compared.
 const LIBDIR: &str = "/usr/lib/x86_64-linux-gnu";
+
+/// The allocator column of libpercpu_alloc.so with its caches off.
+const NO_CACHE: &str = "percpu no cache";
 
 struct Alloc {
     name: &'static str,
@@ -555,8 +560,16 @@ fn run(opts: &Options) -> Result<(), String> {
     });
     allocs.push(Alloc {
         name: "percpu fallback",
-        lib: Some(ours),
+        lib: Some(ours.clone()),
         env: &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
+    });
+    // The same library with nothing cached: every call goes through the C
+    // ABI to the jemalloc this crate links (tikv-jemalloc-sys's build, not
+    // Debian's), so it tells what the caches themselves change.
+    allocs.push(Alloc {
+        name: NO_CACHE,
+        lib: Some(ours),
+        env: &[("PERCPU_MAX_CACHED_SIZE", "0")],
     });
     let reference = je.unwrap_or(0);
     let procs = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -620,7 +633,7 @@ fn run(opts: &Options) -> Result<(), String> {
     }
     let _ = writeln!(
         md,
-        "\nEach program is run by `LD_PRELOAD` of the allocator's library (glibc: none; percpu fallback: libpercpu_alloc.so with `GLIBC_TUNABLES=glibc.pthread.rseq=0`). A figure is the median over rounds of that round's ratio to {ref_name}: of the program's own throughput where it reports one (larson, xmalloc-test, rptest, glibc-thread; inverted, so below 1 is faster everywhere), else of its wall time. Peak RSS is the child's `ru_maxrss` (from `wait4`). Sources: `../shared/bench-c` (mimalloc-bench's collection), built with its README's lines; `pairs` is `bench/c/pairs.c`.\n"
+        "\nEach program is run by `LD_PRELOAD` of the allocator's library (glibc: none; percpu fallback: libpercpu_alloc.so with `GLIBC_TUNABLES=glibc.pthread.rseq=0`; percpu no cache: the same with `PERCPU_MAX_CACHED_SIZE=0`). A figure is the median over rounds of that round's ratio to {ref_name}: of the program's own throughput where it reports one (larson, xmalloc-test, rptest, glibc-thread; inverted, so below 1 is faster everywhere), else of its wall time. Peak RSS is the child's `ru_maxrss` (from `wait4`). Sources: `../shared/bench-c` (mimalloc-bench's collection), built with its README's lines; `pairs` is `bench/c/pairs.c`.\n"
     );
     // One table: a row per program, a cell per allocator.
     let table = |md: &mut String, cell: &dyn Fn(usize, usize) -> String| {
@@ -636,8 +649,9 @@ fn run(opts: &Options) -> Result<(), String> {
     // allocator on at least three.
     let ours = names.iter().position(|n| *n == "percpu rseq").unwrap_or(0);
     let others: Vec<usize> = (0..allocs.len())
-        .filter(|&i| i != ours && names[i] != "percpu fallback")
+        .filter(|&i| !names[i].starts_with("percpu"))
         .collect();
+    let no_cache = names.iter().position(|n| *n == NO_CACHE).unwrap_or(ours);
     let _ = writeln!(md, "## Targets\n");
     let _ = writeln!(
         md,
@@ -703,6 +717,40 @@ fn run(opts: &Options) -> Result<(), String> {
         fastest.len(),
         list(&fastest)
     );
+    // A miss above whose cause is the jemalloc build rather than the
+    // caches shows up with the caches off too.
+    let _ = writeln!(md, "## What the caches themselves change\n");
+    let _ = writeln!(
+        md,
+        "`{NO_CACHE}` is the same library with `PERCPU_MAX_CACHED_SIZE=0`: nothing is cached, and every call goes through the C ABI to the jemalloc this crate links (tikv-jemalloc-sys's build of jemalloc 5.3, configured differently from Debian's libjemalloc2). Against it, percpu rseq shows what the caches do; against {ref_name}, it shows what the jemalloc build and the C ABI's wrapping do.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| program | percpu rseq vs {NO_CACHE}: time | peak RSS | {NO_CACHE} vs {ref_name}: time | peak RSS |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    let against = |p: usize, i: usize, base: usize| -> (f64, f64) {
+        let time = samples[p]
+            .iter()
+            .map(|r| cost_ratio(progs[p].metric, &r[i], &r[base]))
+            .collect();
+        let mem = samples[p]
+            .iter()
+            .map(|r| r[i].rss_kib / r[base].rss_kib)
+            .collect();
+        (median(time), median(mem))
+    };
+    for (p, prog) in progs.iter().enumerate() {
+        let (ct, cm) = against(p, ours, no_cache);
+        let _ = writeln!(
+            md,
+            "| {} | {ct:.2}x | {cm:.2}x | {:.2}x | {:.2}x |",
+            prog.label,
+            ratio(p, no_cache),
+            rss(p, no_cache)
+        );
+    }
+    let _ = writeln!(md);
     let _ = writeln!(md, "## Time against {ref_name} (below 1 is faster)\n");
     table(&mut md, &|p, i| format!("{:.2}", ratio(p, i)));
     let _ = writeln!(md, "\n## Peak RSS against {ref_name}\n");
