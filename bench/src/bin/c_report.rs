@@ -772,7 +772,7 @@ fn run(opts: &Options) -> Result<(), String> {
         let je_pair = median(samples[p].iter().map(|r| r[reference].value).collect());
         let _ = writeln!(
             md,
-            "\n**`free` without a size.** A malloc(64)+free pair took {plain:.2} ns under percpu rseq against {je_pair:.2} ns under {ref_name}; with C23's `free_sized` (which tells the size) it took {:.2} ns. The difference is what a plain `free` does to find the block's class: a lookup in the library's page map (`src/size_map.rs`); a block whose page has no record goes to jemalloc's `dallocx`, which finds the size itself.",
+            "\n**`free` without a size.** A malloc(64)+free pair took {plain:.2} ns under percpu rseq against {je_pair:.2} ns under {ref_name}; with C23's `free_sized` (which tells the size) it took {:.2} ns. The difference is what a plain `free` does to find the block's class: a lookup in the library's page map (`src/size_map.rs`); a block whose page has no record goes to jemalloc's own `free`, which finds the size itself.",
             median(sized)
         );
     }
