@@ -490,6 +490,126 @@ mod exports {
         let mut out = crate::stderr::Stderr::new();
         let _ = write!(out, "{}", GLOBAL.stats());
     }
+
+    /// `struct percpu_alloc_stats` of `capi/include/percpu_alloc.h`, field
+    /// for field: the process-wide figures of `PerCpuAlloc::stats`. New
+    /// fields go at the end, so a program built against an older header
+    /// reads a prefix of it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CStats {
+        /// 1 on the rseq path, 0 on the fallback.
+        pub rseq: c_int,
+        /// 1 when the event counters count (the `stats` feature).
+        pub counting: c_int,
+        /// CPUs the caches cover.
+        pub cpus: usize,
+        /// Blocks cached now, every CPU and class.
+        pub cached_blocks: u64,
+        /// Their bytes.
+        pub cached_bytes: u64,
+        /// Blocks waiting on deferred lists.
+        pub deferred_blocks: u64,
+        /// Allocs served from a task list.
+        pub hits: u64,
+        /// Allocs that spliced a signal list onto an empty task list.
+        pub splices: u64,
+        /// Allocs that went to jemalloc.
+        pub misses: u64,
+        /// Frees in task context.
+        pub frees_task: u64,
+        /// Frees in signal context.
+        pub frees_signal: u64,
+        /// Frees with no usable CPU (to jemalloc).
+        pub frees_other: u64,
+        /// Task-context frees past the cap (to jemalloc).
+        pub overflows: u64,
+        /// Signal-context frees past the cap (deferred).
+        pub deferred: u64,
+        /// Operations that found no usable CPU.
+        pub no_cpu: u64,
+    }
+
+    impl CStats {
+        fn now() -> CStats {
+            let s = GLOBAL.stats();
+            let t = s.totals;
+            CStats {
+                rseq: c_int::from(s.path == crate::Path::Rseq),
+                counting: c_int::from(s.counting),
+                cpus: s.cpus,
+                cached_blocks: s.cached_blocks,
+                cached_bytes: s.cached_bytes,
+                deferred_blocks: s.deferred_blocks,
+                hits: t.hits,
+                splices: t.splices,
+                misses: t.misses,
+                frees_task: t.frees_task,
+                frees_signal: t.frees_signal,
+                frees_other: t.frees_other,
+                overflows: t.overflows,
+                deferred: t.deferred,
+                no_cpu: s.no_cpu,
+            }
+        }
+    }
+
+    /// Copies the first `size` bytes (at most the whole struct) of the
+    /// statistics into `out` and returns the struct's size, so a caller
+    /// passes `sizeof *out` and can tell how much this library knows.
+    /// With a null `out` it only returns the size. Does not allocate.
+    ///
+    /// # Safety
+    /// `out` is null or valid for writes of `size` bytes.
+    #[no_mangle]
+    pub unsafe extern "C" fn percpu_alloc_stats(out: *mut CStats, size: usize) -> usize {
+        let whole = core::mem::size_of::<CStats>();
+        if !out.is_null() {
+            let s = CStats::now();
+            // SAFETY: `s` is a whole `CStats`, and the caller gives `size`
+            // writable bytes at `out`; at most the smaller is copied, and a
+            // local cannot overlap the caller's memory.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    (&s as *const CStats).cast::<u8>(),
+                    out.cast::<u8>(),
+                    size.min(whole),
+                )
+            };
+        }
+        whole
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn stats_fill_what_the_caller_has_room_for_and_say_how_much_there_is() {
+            let whole = core::mem::size_of::<CStats>();
+            // SAFETY: a null `out` is only asked the size.
+            assert_eq!(
+                unsafe { percpu_alloc_stats(core::ptr::null_mut(), 0) },
+                whole
+            );
+            let mut s = CStats {
+                cpus: usize::MAX,
+                ..CStats::default()
+            };
+            // SAFETY: `s` holds `whole` bytes; only its first two fields
+            // (8 bytes) are asked for.
+            assert_eq!(unsafe { percpu_alloc_stats(&mut s, 8) }, whole);
+            assert_eq!(s.rseq, percpu_alloc_rseq());
+            assert_eq!(s.counting, c_int::from(cfg!(feature = "stats")));
+            assert_eq!(s.cpus, usize::MAX, "a field past `size` was written");
+            // SAFETY: as above, the whole struct.
+            unsafe { percpu_alloc_stats(&mut s, whole) };
+            assert!(s.cpus >= 1);
+            if s.counting == 0 {
+                assert_eq!((s.hits, s.misses, s.frees_task), (0, 0, 0));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <malloc.h>
 #include <sched.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -252,6 +253,38 @@ static void test_pages_change_hands(void) {
     }
 }
 
+/* After test_cache_is_ours: pinned, and the caches empty. */
+static void test_stats(void) {
+    CHECK(percpu_alloc_stats != NULL, "stats exported");
+    struct percpu_alloc_stats s;
+    CHECK(percpu_alloc_stats(NULL, 0) == sizeof s, "the library's struct is this header's");
+    void *p[100];
+    for (int i = 0; i < 100; i++) p[i] = malloc(64);
+    for (int i = 0; i < 100; i++) free(p[i]);
+    memset(&s, 0xab, sizeof s);
+    CHECK(percpu_alloc_stats(&s, sizeof s) == sizeof s, "filled");
+    CHECK(s.rseq == percpu_alloc_rseq(), "rseq %d", s.rseq);
+    CHECK(s.cpus >= 1 && s.cpus < 65536, "cpus %zu", s.cpus);
+    CHECK(s.cached_blocks >= 100 && s.cached_bytes >= 6400,
+          "100 freed 64-byte blocks are cached: %llu blocks, %llu bytes",
+          (unsigned long long)s.cached_blocks, (unsigned long long)s.cached_bytes);
+    CHECK(s.cached_bytes == percpu_alloc_cached_bytes(), "cached bytes agree");
+    if (s.counting) {
+        CHECK(s.frees_task >= 100, "frees counted: %llu", (unsigned long long)s.frees_task);
+    } else {
+        CHECK(s.counting == 0 && s.hits == 0 && s.misses == 0 && s.frees_task == 0,
+              "no `stats` feature: the counters read 0");
+    }
+    /* A caller with room for the first two fields gets only those. */
+    memset(&s, 0xab, sizeof s);
+    percpu_alloc_stats(&s, offsetof(struct percpu_alloc_stats, cpus));
+    CHECK(s.rseq == percpu_alloc_rseq(), "a short copy still has rseq");
+    unsigned char *rest = (unsigned char *)&s + offsetof(struct percpu_alloc_stats, cpus);
+    for (size_t i = 0; i < sizeof s - offsetof(struct percpu_alloc_stats, cpus); i++)
+        CHECK(rest[i] == 0xab, "byte %zu past the size asked for was written", i);
+    percpu_alloc_trim();
+}
+
 int main(void) {
     check_preloaded();
     CHECK(early != NULL && holds(early, 100, 100), "a block allocated before main");
@@ -263,6 +296,7 @@ int main(void) {
     test_sized_frees();
     test_pages_change_hands();
     test_cache_is_ours();
+    test_stats();
     printf("ok: c_abi (%s path)\n", percpu_alloc_rseq() ? "rseq" : "fallback");
     return 0;
 }

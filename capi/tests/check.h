@@ -23,6 +23,8 @@
 
 #include <unistd.h>
 
+#include "../include/percpu_alloc.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -34,6 +36,7 @@ size_t percpu_alloc_trim(void) __attribute__((weak));
 size_t percpu_alloc_cached_bytes(void) __attribute__((weak));
 int percpu_alloc_rseq(void) __attribute__((weak));
 void percpu_alloc_print_stats(void) __attribute__((weak));
+size_t percpu_alloc_stats(struct percpu_alloc_stats *out, size_t size) __attribute__((weak));
 #ifdef __cplusplus
 }
 #endif
