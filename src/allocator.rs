@@ -383,76 +383,88 @@ impl PerCpuAlloc {
     /// With `override` the size comes from the page's class record when
     /// it has one (see `size_map`).
     ///
-    /// In signal context the usable size could be jemalloc's to say, which
-    /// a handler must not ask, so the block is deferred instead (see
-    /// `rules::defer_unsized`).
+    /// In signal context a block without a record would need jemalloc to
+    /// name its size, which a handler must not ask, so it is deferred
+    /// instead (see `rules::defer_unsized`); a recorded one goes to
+    /// `dealloc`, which routes a signal-context free itself.
     ///
     /// # Safety
     /// `ptr` is a live block from this allocator (any layout), not used
     /// after.
     #[inline(always)]
     pub(crate) unsafe fn dealloc_unsized(&self, ptr: *mut u8) {
-        if context::any_signal_context() {
-            // SAFETY: forwarded.
-            return unsafe { self.dealloc_unsized_in_some_context(ptr) };
-        }
-        // SAFETY: forwarded.
-        unsafe { self.dealloc_unsized_in_task(ptr) }
-    }
-
-    /// [`dealloc_unsized`](Self::dealloc_unsized) in task context. Every
-    /// exit is a tail call, so the hit path saves no register.
-    ///
-    /// # Safety
-    /// As `dealloc_unsized`.
-    #[inline(always)]
-    unsafe fn dealloc_unsized_in_task(&self, ptr: *mut u8) {
+        // The signal-context test comes after the page lookup, which is
+        // async-signal-safe: a recorded block's `dealloc` makes that test
+        // anyway, so the hit path makes it once.
         #[cfg(feature = "override")]
         return match crate::size_map::class_of_block(ptr) {
-            // SAFETY: as in `dealloc_with_jemallocs_size`, with the class
-            // the page recorded.
+            // SAFETY: the layout is valid (a class size, align 8), and a
+            // block of that class is what `dealloc` with it takes.
             Some(class) => unsafe {
                 self.dealloc(ptr, Layout::from_size_align_unchecked(class.size(), 8))
             },
-            // No record: a block of no cached class, as good as always
-            // (see `size_map`). jemalloc takes any of its blocks, so it
-            // gets this one without being asked its size first; a cached
-            // class's block that lands here is merely not cached.
-            // SAFETY: the caller's contract: a live jemalloc block.
-            None => unsafe { backend::free_unsized(ptr) },
+            // SAFETY: forwarded.
+            None => unsafe { self.dealloc_unrecorded(ptr) },
         };
         #[cfg(not(feature = "override"))]
         // SAFETY: forwarded.
         unsafe {
-            self.dealloc_with_jemallocs_size(ptr)
+            self.dealloc_unrecorded(ptr)
         }
     }
 
-    /// The rest of [`dealloc_unsized`](Self::dealloc_unsized) without the
-    /// page records, with jemalloc's usable size of the block.
+    /// [`dealloc_unsized`](Self::dealloc_unsized) of a block whose class is
+    /// not known here: with `override`, a page with no record (a block of
+    /// no cached class, as good as always); without, every block.
     ///
     /// # Safety
     /// As `dealloc_unsized`.
-    #[cfg(not(feature = "override"))]
-    unsafe fn dealloc_with_jemallocs_size(&self, ptr: *mut u8) {
-        // SAFETY: the caller's contract: a live jemalloc block.
-        let size = unsafe { backend::usable_size(ptr) };
-        // SAFETY: the layout is valid (a class size, align 8), and a block
-        // of that class or a jemalloc block of that usable size is what
-        // `dealloc` with it takes: a cached size goes to its class's
-        // lists, a larger one to `sdallocx` with its own usable size.
-        unsafe { self.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
+    #[inline(always)]
+    unsafe fn dealloc_unrecorded(&self, ptr: *mut u8) {
+        if context::any_signal_context() {
+            // SAFETY: forwarded.
+            return unsafe { self.dealloc_unrecorded_in_some_context(ptr) };
+        }
+        // SAFETY: forwarded.
+        unsafe { self.dealloc_unrecorded_in_task(ptr) }
     }
 
-    /// [`dealloc_unsized`](Self::dealloc_unsized) while some thread holds
-    /// a signal-context mark; out of line, since only this path reads the
-    /// thread-local mark (a call to `__tls_get_addr` in a shared library).
+    /// [`dealloc_unrecorded`](Self::dealloc_unrecorded) in task context.
+    ///
+    /// # Safety
+    /// As `dealloc_unsized`.
+    #[inline(always)]
+    unsafe fn dealloc_unrecorded_in_task(&self, ptr: *mut u8) {
+        // jemalloc takes any of its blocks, so with `override` it gets this
+        // one without being asked its size first; a cached class's block
+        // that lands here is merely not cached.
+        #[cfg(feature = "override")]
+        // SAFETY: the caller's contract: a live jemalloc block.
+        unsafe {
+            backend::free_unsized(ptr)
+        }
+        #[cfg(not(feature = "override"))]
+        // SAFETY: the caller's contract: a live jemalloc block. The layout
+        // is valid (a class size, align 8), and a block of that class or a
+        // jemalloc block of that usable size is what `dealloc` with it
+        // takes: a cached size goes to its class's lists, a larger one to
+        // `sdallocx` with its own usable size.
+        unsafe {
+            let size = backend::usable_size(ptr);
+            self.dealloc(ptr, Layout::from_size_align_unchecked(size, 8))
+        }
+    }
+
+    /// [`dealloc_unrecorded`](Self::dealloc_unrecorded) while some thread
+    /// holds a signal-context mark; out of line, since only this path
+    /// reads the thread-local mark (a call to `__tls_get_addr` in a shared
+    /// library).
     ///
     /// # Safety
     /// As `dealloc_unsized`.
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_unsized_in_some_context(&self, ptr: *mut u8) {
+    unsafe fn dealloc_unrecorded_in_some_context(&self, ptr: *mut u8) {
         if context::current_context() == Context::Signal {
             if let Some(t) = self.table_if_made() {
                 // SAFETY: the caller's contract.
@@ -467,7 +479,7 @@ impl PerCpuAlloc {
         }
         // Another thread's mark, or no table to defer to.
         // SAFETY: forwarded.
-        unsafe { self.dealloc_unsized_in_task(ptr) }
+        unsafe { self.dealloc_unrecorded_in_task(ptr) }
     }
 
     /// A live block's usable size: its class size for a cached class. With
