@@ -82,13 +82,13 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::{BTreeMap, HashMap};
-
-use percpu_bench::rng::Rng;
 use std::hint::black_box;
 use std::process::ExitCode;
 use std::sync::{mpsc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use percpu_bench::rng::Rng;
 
 /// The allocator this build serves with; with the feature `global` the
 /// library installed `percpu_alloc::GLOBAL`, with `global-percpu` this
