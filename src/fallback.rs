@@ -73,11 +73,17 @@ unsafe impl PerCpu for Locked {
         });
         // A busy slot: a miss, not a plain one.
         let (block, plain_miss) = popped.unwrap_or((core::ptr::null_mut(), false));
+        if !block.is_null() {
+            crate::hardened::on_slot_alloc(t.header().secret, block, site.class().size());
+        }
         Pop::new(block, at, plain_miss)
     }
 
     #[inline(always)]
     unsafe fn push(t: &Table, site: Site, block: *mut u8) -> Push {
+        if !crate::hardened::mark_cached(t.header().secret, block, site.class().size()) {
+            return Push::Twice;
+        }
         let Some(cpu) = current_cpu(t.header().ncpu) else {
             return Push::Refused;
         };

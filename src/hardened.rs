@@ -18,8 +18,9 @@
 //! plausible link with the right count. A corrupted link aborts the
 //! process with a message instead of handing out a wild pointer.
 //!
-//! Cached blocks also carry a key in their second word (the secret, the
-//! address and a constant, XORed), which every allocation clears. A free
+//! Cached blocks also carry a key in their second word (the complement of
+//! the secret XORed with the address, so never the encoded link of the
+//! first word), which every allocation clears. A free
 //! that finds the key finds a block that is cached already: a double free,
 //! which aborts. So that every block has a second word, 8-byte requests are
 //! served from the 16-byte class with this feature.
@@ -34,9 +35,6 @@ mod imp {
     /// and the low three (blocks are 8-aligned).
     /// The secret has them all set.
     const FIXED: u64 = 0x8000_0000_0000_0007;
-
-    /// Marks a cached block's second word (with the secret and address).
-    const CACHED: u64 = 0x6361_6368_6564_2121;
 
     static SECRET: AtomicU64 = AtomicU64::new(0);
 
@@ -95,37 +93,55 @@ mod imp {
     }
 
     /// On a free of `block` (`size` bytes, its class size): aborts if it
-    /// is cached already, else marks it cached and gives it the encoded
-    /// empty link that a slot's block carries.
+    /// is cached already, else marks it cached ([`mark_cached`]).
     #[inline(always)]
     pub(crate) fn on_free(block: *mut u8, size: usize) {
-        if size < 16 {
-            return;
-        }
-        let key = secret() ^ block as u64 ^ CACHED;
-        // SAFETY: the caller frees `block`, a block of at least 16 bytes
-        // that it owns until the free completes.
-        let second = unsafe { (block as *mut u64).add(1) };
-        // SAFETY: as above.
-        if unsafe { second.read() } == key {
-            abort_with("double free of cached block", block, "");
-        }
-        // SAFETY: as above.
-        unsafe {
-            second.write(key);
-            (block as *mut u64).write(encode(0, block));
+        if !mark_cached(secret(), block, size) {
+            double_free(block);
         }
     }
 
-    /// On an allocation of `block` from a slot: checks the empty link
-    /// [`on_free`] left, then clears the cached mark.
+    /// On a free of `block` (`size` bytes, its class size): false if it
+    /// is cached already (a double free), else marks it cached and gives
+    /// it the encoded empty link that a slot's block carries.
+    ///
+    /// A task free's push does this first (`PerCpu::push`; the rseq path
+    /// in its asm, the same steps), and a false goes to the free's one
+    /// out-of-line call, which aborts. Every class has a second word here
+    /// ([`served_size`] sends 8-byte requests to the 16-byte class), so
+    /// there is no size test. The key is the complement of the encoded
+    /// empty link, so the two words never read alike. `secret` is
+    /// [`secret`], which the hit paths read from their table's header.
+    ///
+    /// [`served_size`]: crate::size_class::served_size
     #[inline(always)]
-    pub(crate) fn on_slot_alloc(block: *mut u8, size: usize) {
-        if size >= 16 {
-            // SAFETY: a slot's block of `size` bytes, just handed to us.
-            if decode(unsafe { (block as *const u64).read() }, block) != 0 {
-                corrupted(block);
-            }
+    pub(crate) fn mark_cached(secret: u64, block: *mut u8, size: usize) -> bool {
+        debug_assert!(size >= 16, "a {size}-byte class under hardened");
+        let empty = secret ^ block as u64;
+        let key = !empty;
+        let words = block as *mut u64;
+        // SAFETY: the caller frees `block`, a block of at least 16 bytes
+        // that it owns until the free completes.
+        if unsafe { words.add(1).read() } == key {
+            return false;
+        }
+        // SAFETY: as above.
+        unsafe {
+            words.add(1).write(key);
+            words.write(empty);
+        }
+        true
+    }
+
+    /// On an allocation of `block` from a slot: checks the empty link
+    /// [`on_free`] left, then clears the cached mark. The link must be the
+    /// empty one exactly, so one compare covers what [`decode`] checks.
+    #[inline(always)]
+    pub(crate) fn on_slot_alloc(secret: u64, block: *mut u8, size: usize) {
+        debug_assert!(size >= 16, "a {size}-byte class under hardened");
+        // SAFETY: a slot's block of `size` bytes, just handed to us.
+        if unsafe { (block as *const u64).read() } != secret ^ block as u64 {
+            corrupted(block);
         }
         on_alloc(block, size);
     }
@@ -134,11 +150,17 @@ mod imp {
     /// so that the block's one legitimate free does not find it.
     #[inline(always)]
     pub(crate) fn on_alloc(block: *mut u8, size: usize) {
-        if size >= 16 {
-            // SAFETY: the block was just handed to us and holds `size`
-            // bytes.
-            unsafe { (block as *mut u64).add(1).write(0) };
-        }
+        debug_assert!(size >= 16, "a {size}-byte class under hardened");
+        // SAFETY: the block was just handed to us and holds `size` bytes,
+        // at least 16.
+        unsafe { (block as *mut u64).add(1).write(0) };
+    }
+
+    /// Aborts: `at` was freed while cached.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn double_free(at: *mut u8) -> ! {
+        abort_with("double free of cached block", at, "")
     }
 }
 
@@ -161,7 +183,21 @@ mod imp {
     pub(crate) fn on_free(_block: *mut u8, _size: usize) {}
 
     #[inline(always)]
-    pub(crate) fn on_slot_alloc(_block: *mut u8, _size: usize) {}
+    pub(crate) fn secret() -> u64 {
+        0
+    }
+
+    #[inline(always)]
+    pub(crate) fn mark_cached(_secret: u64, _block: *mut u8, _size: usize) -> bool {
+        true
+    }
+
+    /// Never reached: only a `hardened` push answers `Push::Twice`.
+    #[inline(always)]
+    pub(crate) fn double_free(_at: *mut u8) {}
+
+    #[inline(always)]
+    pub(crate) fn on_slot_alloc(_secret: u64, _block: *mut u8, _size: usize) {}
 
     #[inline(always)]
     pub(crate) fn on_alloc(_block: *mut u8, _size: usize) {}

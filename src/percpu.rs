@@ -109,6 +109,10 @@ pub(crate) enum Push {
     /// Someone else holds the CPU (fallback only): the process's analog of
     /// interrupt context. The caller still owns the block.
     Busy,
+    /// Not tried: the `hardened` check found the block cached already, a
+    /// double free. It shares the refusals' out-of-line call, which
+    /// aborts; without `hardened` no push answers it.
+    Twice,
 }
 
 /// The task-list operations, on the calling thread's current CPU. None of
@@ -120,10 +124,23 @@ pub(crate) enum Push {
 /// drains of `crate::drain`.
 pub(crate) unsafe trait PerCpu {
     /// Rule 2 of alloc: takes the top slot of `site`'s task list.
+    ///
+    /// With `hardened`, the block it returns is checked and its key
+    /// cleared
+    /// ([`hardened::on_slot_alloc`](crate::hardened::on_slot_alloc)), in
+    /// the rseq path's asm for the reason given at [`PerCpu::push`].
     fn pop(t: &Table, site: Site) -> Pop<'_>;
 
     /// Rules 1 and 2 of free: fills the next slot of `site`'s task list
     /// unless `nr + nr_sig >= cap`.
+    ///
+    /// With `hardened`, it first checks and marks the block
+    /// ([`hardened::mark_cached`](crate::hardened::mark_cached)): a block
+    /// cached already is [`Push::Twice`], and every other outcome leaves
+    /// it marked. The check is the push's so that the rseq path can make
+    /// it in its asm, where the caller's loop does not see a load: one
+    /// there made LLVM build the caller's values on the stack and copy
+    /// them, which cost batches of frees more than the check itself.
     ///
     /// # Safety
     /// The caller owns `block`, a block of `site`'s class, and gives it up

@@ -47,6 +47,8 @@ pub(crate) struct Rseq;
 mod imp {
     use super::*;
     use crate::list::{fits, COUNT_SHIFT, PTR_MASK};
+    #[cfg(feature = "hardened")]
+    use crate::table::SECRET_OFF;
     use crate::table::{
         BASES, CAP_BY_SIZE, CHAIN, CHAIN_FLAGS, CHAIN_LEN_MASK, CHAIN_LIST, DEFERRED_OFF,
         FLAG_SHIFT, REC_HDR, SIG_OFF, SPECIAL, TASK_OFF,
@@ -187,6 +189,59 @@ mod imp {
         };
     }
 
+    /// After a slot pop's commit (`hardened`): a block whose first word is
+    /// not the encoded empty link leaves with its low bit set, for the
+    /// caller to abort on; else its key is cleared, as
+    /// [`on_slot_alloc`](crate::hardened::on_slot_alloc) does. The misses
+    /// jump to `9:`, past the check.
+    #[cfg(feature = "hardened")]
+    macro_rules! slot_check {
+        () => {
+            concat!(
+                "mov {w}, qword ptr [{t} + {secret}]\n",
+                "xor {w}, {p}\n",
+                "cmp qword ptr [{p}], {w}\n",
+                "jne 22f\n",
+                "mov qword ptr [{p} + 8], 0\n",
+                "9:\n",
+                cold!("22:\n", "or {p}, 1\n", "jmp 9b"),
+            )
+        };
+    }
+    #[cfg(not(feature = "hardened"))]
+    macro_rules! slot_check {
+        () => {
+            "9:\n"
+        };
+    }
+
+    /// Before a push's section (`hardened`): `{twice}` if `{block}` holds
+    /// the key of a cached block in its second word, else the key there
+    /// and the encoded empty link in its first, as
+    /// [`mark_cached`](crate::hardened::mark_cached) does. `{w}` and `{s}`
+    /// are the section's scratch registers, free until it starts.
+    #[cfg(feature = "hardened")]
+    macro_rules! mark_cached {
+        () => {
+            concat!(
+                "mov {w}, qword ptr [{t} + {secret}]\n",
+                "xor {w}, {block}\n",
+                "mov {s}, {w}\n",
+                "not {s}\n",
+                "cmp qword ptr [{block} + 8], {s}\n",
+                "je {twice}\n",
+                "mov qword ptr [{block} + 8], {s}\n",
+                "mov qword ptr [{block}], {w}\n",
+            )
+        };
+    }
+    #[cfg(not(feature = "hardened"))]
+    macro_rules! mark_cached {
+        () => {
+            ""
+        };
+    }
+
     /// Before a chain push stores the link `{x}` into `{block}`: encode it.
     #[cfg(feature = "hardened")]
     macro_rules! encode_link {
@@ -214,7 +269,9 @@ mod imp {
     // bit makes each of them refuse (`crate::drain`).
     unsafe impl PerCpu for Rseq {
         /// Pops the top slot: `{p}` the block, `{r}` the record, and on a
-        /// refusal `{q}` zero when the miss is plain (see [`Pop`]).
+        /// refusal `{q}` zero when the miss is plain (see [`Pop`]). With
+        /// `hardened`, the block is checked after the commit
+        /// (`slot_check!`).
         #[inline(always)]
         fn pop(t: &Table, site: Site) -> Pop<'_> {
             let (off, t, ro) = operands(t, site.rec_off);
@@ -225,7 +282,8 @@ mod imp {
             // rseq path, whose bases cover every possible CPU (the only
             // numbers `cpu_id` takes). Only `rseq_cs` and the task word are
             // written, the word last.
-            unsafe {
+            macro_rules! section {
+                ($($hardening:tt)*) => {
                 asm!(
                     section_start!("8f"),
                     "mov {w}, qword ptr [{r} + {task}]",
@@ -236,6 +294,7 @@ mod imp {
                     "sub {w}, 1",
                     "mov qword ptr [{r} + {task}], {w}",
                     "5:",
+                    slot_check!(),
                     cold!(
                         // Nothing popped. A plain miss: the task list
                         // empty, the signal list empty (so no splice is
@@ -248,13 +307,13 @@ mod imp {
                         "mov {w}, {r}\n",
                         "sub {w}, {ro}\n",
                         "or {q}, qword ptr [{w} + {deferred}]\n",
-                        "jmp 5b\n",
+                        "jmp 9b\n",
                         // No CPU: not plain, and no record.
                         "8:\n",
                         "xor {p:e}, {p:e}\n",
                         "xor {r:e}, {r:e}\n",
                         "mov {q:e}, 1\n",
-                        "jmp 5b",
+                        "jmp 9b",
                     ),
                     off = in(reg) off,
                     t = in(reg) t,
@@ -268,70 +327,102 @@ mod imp {
                     sig = const SIG_OFF,
                     deferred = const DEFERRED_OFF,
                     top = const REC_HDR - 8,
+                    $($hardening)*
                     options(nostack),
-                );
+                )
+                };
+            }
+            // SAFETY: as above; with `hardened` the popped block's second
+            // word is written too, after the commit made it ours.
+            unsafe {
+                #[cfg(feature = "hardened")]
+                section!(secret = const SECRET_OFF,);
+                #[cfg(not(feature = "hardened"))]
+                section!();
+            }
+            if cfg!(feature = "hardened") && block as usize & 1 != 0 {
+                crate::hardened::corrupted(block.wrapping_byte_sub(1));
             }
             Pop::new(block, r as isize, q == 0)
         }
 
-        /// Fills the next slot unless `nr + nr_sig >= cap`.
+        /// Fills the next slot unless `nr + nr_sig >= cap`. With
+        /// `hardened`, the block is checked and marked first, before the
+        /// section (whose restarts begin after it): see [`PerCpu::push`].
         #[inline(always)]
         unsafe fn push(t: &Table, site: Site, block: *mut u8) -> Push {
             let (off, t, ro) = operands(t, site.rec_off);
+            macro_rules! section {
+                ($($hardening:tt)*) => {
+                    asm!(
+                        mark_cached!(),
+                        section_start!("{refused}"),
+                        "mov {w}, qword ptr [{r} + {task}]",
+                        // nr_sig: bits 48..63 of the signal list's word.
+                        "mov {s}, qword ptr [{r} + {sig}]",
+                        "shr {s}, {count_shift}",
+                        // nr + nr_sig against the cap of the size's class;
+                        // a special word is at least 2^63 and never passes.
+                        "add {s}, {w}",
+                        "cmp {s}, qword ptr [{t} + {size} * 8 + {caps}]",
+                        "jae 7f",
+                        "mov qword ptr [{r} + {w} * 8 + {slots}], {block}",
+                        "add {w}, 1",
+                        "mov qword ptr [{r} + {task}], {w}",
+                        "5:",
+                        cold!(
+                            // Not pushed. A plain overflow: a list in slots
+                            // at the cap, nothing deferred on this CPU.
+                            "7:\n",
+                            "test {w}, {w}\n",
+                            "js {refused}\n",
+                            "mov {w}, {r}\n",
+                            "sub {w}, {ro}\n",
+                            "cmp qword ptr [{w} + {deferred}], 0\n",
+                            "jne {refused}\n",
+                            "jmp {overflow}",
+                        ),
+                        off = in(reg) off,
+                        t = in(reg) t,
+                        ro = in(reg) ro,
+                        size = in(reg) site.served(),
+                        block = in(reg) block,
+                        r = out(reg) _,
+                        w = out(reg) _,
+                        s = out(reg) _,
+                        bases = const BASES,
+                        task = const TASK_OFF,
+                        sig = const SIG_OFF,
+                        caps = const CAP_BY_SIZE,
+                        deferred = const DEFERRED_OFF,
+                        slots = const REC_HDR,
+                        count_shift = const COUNT_SHIFT,
+                        refused = label {
+                            return Push::Refused;
+                        },
+                        overflow = label {
+                            return Push::Overflow;
+                        },
+                        $($hardening)*
+                        options(nostack),
+                    )
+                };
+            }
             // SAFETY: as in `pop`; the caller owns `block`. Besides
             // `rseq_cs` and the task word, only the slot at the task list's
-            // top is written, which no list holds until the commit.
+            // top is written, which no list holds until the commit, and
+            // with `hardened` the block's first two words, before the
+            // section.
             unsafe {
-                asm!(
-                    section_start!("{refused}"),
-                    "mov {w}, qword ptr [{r} + {task}]",
-                    // nr_sig: bits 48..63 of the signal list's word.
-                    "mov {s}, qword ptr [{r} + {sig}]",
-                    "shr {s}, {count_shift}",
-                    // nr + nr_sig against the cap of the size's class; a
-                    // special word is at least 2^63 and never passes.
-                    "add {s}, {w}",
-                    "cmp {s}, qword ptr [{t} + {size} * 8 + {caps}]",
-                    "jae 7f",
-                    "mov qword ptr [{r} + {w} * 8 + {slots}], {block}",
-                    "add {w}, 1",
-                    "mov qword ptr [{r} + {task}], {w}",
-                    "5:",
-                    cold!(
-                        // Not pushed. A plain overflow: a list in slots at
-                        // the cap, nothing deferred on this CPU.
-                        "7:\n",
-                        "test {w}, {w}\n",
-                        "js {refused}\n",
-                        "mov {w}, {r}\n",
-                        "sub {w}, {ro}\n",
-                        "cmp qword ptr [{w} + {deferred}], 0\n",
-                        "jne {refused}\n",
-                        "jmp {overflow}",
-                    ),
-                    off = in(reg) off,
-                    t = in(reg) t,
-                    ro = in(reg) ro,
-                    size = in(reg) site.served(),
-                    block = in(reg) block,
-                    r = out(reg) _,
-                    w = out(reg) _,
-                    s = out(reg) _,
-                    bases = const BASES,
-                    task = const TASK_OFF,
-                    sig = const SIG_OFF,
-                    caps = const CAP_BY_SIZE,
-                    deferred = const DEFERRED_OFF,
-                    slots = const REC_HDR,
-                    count_shift = const COUNT_SHIFT,
-                    refused = label {
-                        return Push::Refused;
+                #[cfg(feature = "hardened")]
+                section!(
+                    secret = const SECRET_OFF,
+                    twice = label {
+                        return Push::Twice;
                     },
-                    overflow = label {
-                        return Push::Overflow;
-                    },
-                    options(nostack),
                 );
+                #[cfg(not(feature = "hardened"))]
+                section!();
             }
             Push::Done
         }

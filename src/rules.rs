@@ -57,7 +57,6 @@ pub(crate) fn alloc<P: PerCpu>(t: &Table, site: Site, zero: usize) -> *mut u8 {
         return alloc_refused::<P>(site, zero != 0, pop.plain_miss, pop.at(), t);
     }
     count(t, pop.record(), Event::Hit);
-    hardened::on_slot_alloc(pop.block, site.class().size());
     if zero != 0 {
         // SAFETY: a cached block of this class holds at least `zero` bytes
         // (the layout's size).
@@ -89,8 +88,8 @@ pub(crate) unsafe fn free<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
 /// As [`free`], in task context.
 #[inline(always)]
 unsafe fn free_in_task<P: PerCpu>(t: &Table, site: Site, block: *mut u8) {
-    hardened::on_free(block, site.class().size());
-    // SAFETY: our caller's block; the push takes it only on `Done`.
+    // SAFETY: our caller's block; the push takes it only on `Done`, and
+    // with `hardened` marks it first (`PerCpu::push`).
     match unsafe { P::push(t, site, block) } {
         Push::Done => {
             if COUNTING {
@@ -278,6 +277,7 @@ unsafe fn free_refused<P: PerCpu>(block: *mut u8, site: Site, t: &Table, why: Pu
         }
         // SAFETY: our caller's block.
         Push::Busy => return unsafe { free_busy::<P>(t, class, block) },
+        Push::Twice => hardened::double_free(block),
         Push::Refused | Push::Done => {}
     }
     match here::<P>(t, class) {
@@ -400,7 +400,6 @@ pub(crate) fn alloc_cached<P: PerCpu>(t: &Table, site: Site) -> *mut u8 {
     let pop = P::pop(t, site);
     if !pop.block.is_null() {
         count(t, pop.record(), Event::Hit);
-        hardened::on_slot_alloc(pop.block, class.size());
         return pop.block;
     }
     let Some(rec) = pop.record() else {

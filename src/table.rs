@@ -217,6 +217,9 @@ pub(crate) const TASK_OFF: usize = core::mem::offset_of!(Record, task);
 pub(crate) const SIG_OFF: usize = core::mem::offset_of!(Record, sig);
 /// Where a CPU's deferred list is in its region.
 pub(crate) const DEFERRED_OFF: usize = core::mem::offset_of!(CpuHead, deferred);
+/// Where the `hardened` secret sits in the table, for the slot sections.
+#[cfg(feature = "hardened")]
+pub(crate) const SECRET_OFF: usize = core::mem::offset_of!(Header, secret);
 const _: () = assert!(TASK_OFF == 0 && SIG_OFF == 8);
 
 impl Record {
@@ -272,6 +275,9 @@ pub(crate) struct Header {
     pub(crate) size_limit: usize,
     /// The largest cached size (a class size, or 0).
     pub(crate) max_size: usize,
+    /// The `hardened` feature's secret (0 without it), copied here so
+    /// that the hit paths read it beside the words they read anyway.
+    pub(crate) secret: u64,
     /// Where each class's record sits in a CPU's region (classes cached).
     pub(crate) rec_off: [usize; NUM_CLASSES],
     /// Per-class caps, 0 for classes not cached; 64-bit, as the push
@@ -311,6 +317,7 @@ pub(crate) static UNMADE: Table = Table(Header {
     rseq_offset: 0,
     size_limit: 0,
     max_size: 0,
+    secret: 0,
     rec_off: [0; NUM_CLASSES],
     caps: [0; NUM_CLASSES],
     ncpu: 0,
@@ -441,6 +448,7 @@ impl Table {
             rseq_offset,
             size_limit: header_limit(&g, config),
             max_size: config.max_cached_size(),
+            secret: crate::hardened::secret(),
             rec_off: g.rec_off,
             caps: g.caps,
             ncpu: ncpu as u32,
