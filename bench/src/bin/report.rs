@@ -19,10 +19,11 @@
 //!
 //! Three parts:
 //!
-//! 1. Builds `src/bin/workloads.rs` four times with nested
+//! 1. Builds `src/bin/workloads.rs` five times with nested
 //!    `cargo build --release -p percpu-bench --bin workloads` (no feature: system
 //!    malloc; `global-jemalloc`; `global-mimalloc`; `global-percpu`: percpu,
-//!    declared in the program as an application would) and
+//!    declared in the program as an application would; `global-percpu,hardened`,
+//!    for the feature's cost) and
 //!    copies each binary to `TARGET/percpu-report/bin/`, because cargo writes every build to
 //!    the same path.
 //! 2. Micro workloads in this process (hot pair per size, batches, realloc
@@ -40,7 +41,8 @@
 //!    RSS. The hot pair and the batches of part 2 are here too, written as
 //!    a program writes them (`Box::new`, `Vec::with_capacity`), because
 //!    the allocator a program reaches through `__rust_alloc` is inlined
-//!    differently from a `GlobalAlloc` called in this process.
+//!    differently from a `GlobalAlloc` called in this process. Last, the
+//!    pairs and batches again, the `hardened` build against the plain one.
 //!
 //! The targets are checked against this run's ratios, the whole-program
 //! ones first; those from part 2 are marked in-process.
@@ -249,15 +251,20 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
 }
 
 // ---------------------------------------------------------------------------
-// Part 1: the four builds of `workloads`.
+// Part 1: the five builds of `workloads`.
 
-/// (binary name, cargo features) of each build.
-const BUILDS: [(&str, &str); 4] = [
+/// (binary name, cargo features) of each build: one per allocator, and
+/// the percpu program with `hardened`, whose cost has its own table.
+const BUILDS: [(&str, &str); 5] = [
     ("system", ""),
     ("jemalloc", "global-jemalloc"),
     ("mimalloc", "global-mimalloc"),
     ("percpu", "global-percpu"),
+    ("percpu-hardened", "global-percpu,hardened"),
 ];
+/// The percpu build in [`BUILDS`], and the same program with `hardened`.
+const PERCPU_BIN: usize = 3;
+const HARDENED_BIN: usize = 4;
 
 /// Where the workload binaries are kept: under the target folder, never
 /// beside the report (which may be the repository's `docs/`).
@@ -606,22 +613,39 @@ fn run_child(bins: &[PathBuf], i: usize, case: &Case) -> Result<Sample, String> 
         SYS => (&bins[0], "system", "-"),
         JE => (&bins[1], "jemalloc", "-"),
         MI => (&bins[2], "mimalloc", "-"),
-        RSEQ => (&bins[3], "percpu", "rseq"),
-        _ => (&bins[3], "percpu", "fallback"),
+        RSEQ => (&bins[PERCPU_BIN], "percpu", "rseq"),
+        _ => (&bins[PERCPU_BIN], "percpu", "fallback"),
     };
+    run_bin(
+        bin,
+        alloc,
+        path,
+        &format!("{} / {}", ALLOCS[i], case.label),
+        case,
+    )
+}
+
+/// Runs `bin` on `case` and checks that it ran `alloc` on `path` (`-`
+/// for the allocators without one; `fallback` turns glibc's rseq off).
+fn run_bin(
+    bin: &FsPath,
+    alloc: &str,
+    path: &str,
+    what: &str,
+    case: &Case,
+) -> Result<Sample, String> {
     let mut cmd = Command::new(bin);
     cmd.arg(case.workload).args(&case.args);
-    if i == RSEQ || i == FB {
+    if path != "-" {
         cmd.arg(format!("expect-path={path}"));
     }
-    if i == FB {
+    if path == "fallback" {
         cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
     }
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let what = format!("{} / {}", ALLOCS[i], case.label);
     if !out.status.success() {
         return Err(format!(
             "{what}: child failed ({})\n{stdout}{}",
@@ -673,6 +697,54 @@ fn run_programs(
         eprintln!();
     }
     Ok(samples)
+}
+
+/// The pairs and batches, the hit paths' workloads, that the `hardened`
+/// table covers.
+fn hit_path_case(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Pair { .. } | Kind::BatchMixed(_) | Kind::BatchOneClass(_)
+    )
+}
+
+/// Per [`hit_path_case`], the time of the `hardened` percpu program over
+/// the plain one's, each round (the two interleaved, each round starting
+/// with the other).
+fn run_hardened(
+    opts: &Options,
+    bins: &[PathBuf],
+    cases: &[Case],
+) -> Result<Vec<(String, Vec<f64>)>, String> {
+    let picked: Vec<&Case> = cases.iter().filter(|c| hit_path_case(c.kind)).collect();
+    let mut ratios: Vec<(String, Vec<f64>)> = picked
+        .iter()
+        .map(|c| (c.label.clone(), Vec::new()))
+        .collect();
+    for round in 0..opts.rounds {
+        eprint!(
+            "hardened against plain, round {}/{}:",
+            round + 1,
+            opts.rounds
+        );
+        for (k, case) in picked.iter().enumerate() {
+            eprint!(" {}", case.workload);
+            let mut ns = [0.0; 2];
+            for j in 0..2 {
+                let b = (round + k + j) % 2;
+                let (bin, name) = if b == 0 {
+                    (PERCPU_BIN, "percpu")
+                } else {
+                    (HARDENED_BIN, "percpu hardened")
+                };
+                let what = format!("{name} / {}", case.label);
+                ns[b] = run_bin(&bins[bin], "percpu", "rseq", &what, case)?.ns;
+            }
+            ratios[k].1.push(ns[1] / ns[0]);
+        }
+        eprintln!();
+    }
+    Ok(ratios)
 }
 
 fn rounds_of(samples: &[[Sample; 5]], f: impl Fn(&Sample) -> f64) -> Rounds {
@@ -829,7 +901,12 @@ fn limit_target(what: String, rows: Vec<(String, f64)>, limit: f64, strict: bool
     }
 }
 
-fn targets(micro: &[MicroRow], cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> Vec<Target> {
+fn targets(
+    micro: &[MicroRow],
+    cases: &[Case],
+    samples: &[Vec<[Sample; 5]>],
+    hardened: &[(String, Vec<f64>)],
+) -> Vec<Target> {
     // Median over rounds of the per-round time ratio of allocator `i` to
     // `j`, for every case of a kind.
     let ratios = |pick: &dyn Fn(Kind) -> bool, i: usize, j: usize| -> Vec<(String, f64)> {
@@ -943,6 +1020,16 @@ fn targets(micro: &[MicroRow], cases: &[Case], samples: &[Vec<[Sample; 5]>]) -> 
             });
         }
     }
+
+    t.push(limit_target(
+        "hardened: at most 1.15x the plain percpu program, hot pairs and batches".into(),
+        hardened
+            .iter()
+            .map(|(label, r)| (label.clone(), median(r.clone())))
+            .collect(),
+        1.15,
+        false,
+    ));
 
     let cached = Config::new().max_cached_size();
     let micro_ratios = |pick: &dyn Fn(&MicroRow) -> bool, i: usize, j: usize| {
@@ -1158,6 +1245,7 @@ fn run(opts: &Options) -> Result<(), String> {
         Vec::new()
     };
     let samples = run_programs(opts, &bins, &cases)?;
+    let hardened = run_hardened(opts, &bins, &cases)?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
 
     let doc = Doc {
@@ -1165,6 +1253,7 @@ fn run(opts: &Options) -> Result<(), String> {
         micro: &micro,
         cases: &cases,
         samples: &samples,
+        hardened: &hardened,
     };
     let charts = opts.out.join("benchmarks");
     std::fs::create_dir_all(&charts).map_err(|e| format!("{}: {e}", charts.display()))?;
@@ -1215,6 +1304,9 @@ struct Doc<'a> {
     micro: &'a [MicroRow],
     cases: &'a [Case],
     samples: &'a [Vec<[Sample; 5]>],
+    /// Per hot pair and batch, the `hardened` program's time over the
+    /// plain one's, each round.
+    hardened: &'a [(String, Vec<f64>)],
 }
 
 impl Doc<'_> {
@@ -1287,7 +1379,7 @@ impl Doc<'_> {
         );
         let _ = writeln!(md, "| target | measured | result |");
         let _ = writeln!(md, "|---|---|---|");
-        for t in targets(self.micro, self.cases, self.samples) {
+        for t in targets(self.micro, self.cases, self.samples, self.hardened) {
             let result = match t.met {
                 Some(true) => "met",
                 Some(false) => "missed",
@@ -1331,6 +1423,28 @@ impl Doc<'_> {
             opts.rounds
         );
         programs_table(&mut md, self.cases, self.samples);
+
+        let _ = writeln!(md, "\n## What `hardened` costs\n");
+        let _ = writeln!(
+            md,
+            "The percpu program built with `--features hardened` against the same program without it, both on the rseq path, interleaved, {} rounds: its time over the plain one's, the median and min–max of the per-round ratios. With the feature every task free checks and writes a key (a double-free check) and an encoded empty link, and every slot pop checks the link and clears the key, all inside the restartable sections' asm; the feature's hit paths are leaves too.\n",
+            opts.rounds
+        );
+        if self.hardened.is_empty() {
+            let _ = writeln!(md, "No hot pair or batch ran.");
+        } else {
+            let _ = writeln!(md, "| workload | hardened / plain | min–max |");
+            let _ = writeln!(md, "|---|---:|---:|");
+            for (label, r) in self.hardened {
+                let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = r.iter().copied().fold(0.0, f64::max);
+                let _ = writeln!(
+                    md,
+                    "| {label} | {:.2} | {lo:.2}–{hi:.2} |",
+                    median(r.clone())
+                );
+            }
+        }
 
         let _ = writeln!(md, "\n## Charts\n");
         if scaling {
@@ -1466,6 +1580,19 @@ impl Doc<'_> {
                     let _ = writeln!(md, "| {}: peak RSS | {} |", case.label, r.join(" | "));
                 }
             }
+        }
+        let hardened: Vec<f64> = self
+            .hardened
+            .iter()
+            .map(|(_, r)| median(r.clone()))
+            .collect();
+        if !hardened.is_empty() {
+            let lo = hardened.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = hardened.iter().copied().fold(0.0, f64::max);
+            let _ = writeln!(
+                md,
+                "\nWith `--features hardened`, the hot pairs and batches take {lo:.2}x to {hi:.2}x the plain program's time."
+            );
         }
         let _ = writeln!(md);
         md.push_str(&machine_header(false));
