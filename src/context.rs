@@ -187,8 +187,16 @@ extern "C" fn trampoline(sig: libc::c_int) {
     }
 }
 
-/// Installs `handler` for `signal` with `sigaction` (`SA_RESTART |
-/// SA_ONSTACK`), wrapped so that it runs in signal context.
+/// Installs `handler` for `signal` with `sigaction` (`SA_RESTART`),
+/// wrapped so that it runs in signal context.
+///
+/// The handler runs on the interrupted thread's own stack, not on an
+/// alternate one: the one Rust's std gives each thread is sized for its
+/// stack-overflow message (`SIGSTKSZ`, of which the kernel's signal frame
+/// takes several KiB on AVX-512 machines), and a debug build's free alone
+/// needs more. Where a program wants its own alternate stack, it calls
+/// `sigaction` with `SA_ONSTACK` itself and marks the scope with
+/// [`enter_signal_context`](crate::enter_signal_context).
 ///
 /// ```
 /// fn on_usr1(_sig: libc::c_int) {
@@ -223,7 +231,7 @@ pub unsafe fn install_signal_handler(
     let rc = unsafe {
         let mut action: libc::sigaction = core::mem::zeroed();
         action.sa_sigaction = trampoline as extern "C" fn(libc::c_int) as usize;
-        action.sa_flags = libc::SA_RESTART | libc::SA_ONSTACK;
+        action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
         libc::sigaction(signal, &action, core::ptr::null_mut())
     };

@@ -516,6 +516,8 @@ fn signal_list_rules_on_the_fallback_path() {
 }
 
 static SEEN_CONTEXT: AtomicUsize = AtomicUsize::new(0);
+/// Where a local of the last `record_context` was.
+static SEEN_STACK: AtomicUsize = AtomicUsize::new(0);
 
 fn record_context(_sig: libc::c_int) {
     let code = match current_context() {
@@ -524,6 +526,11 @@ fn record_context(_sig: libc::c_int) {
         Context::Other => 3,
     };
     SEEN_CONTEXT.store(code, Ordering::Relaxed);
+    let here = 0u8;
+    SEEN_STACK.store(
+        std::hint::black_box(&here) as *const u8 as usize,
+        Ordering::Relaxed,
+    );
 }
 
 #[test]
@@ -554,6 +561,16 @@ fn contexts_and_handler_installation() {
         current_context(),
         Context::Task,
         "the mark ends with the handler"
+    );
+    // On this thread's own stack, a few KiB below us (the kernel's signal
+    // frame, the trampoline), not on the small alternate stack std gives
+    // each thread, which a debug build's free overflowed.
+    let here = 0u8;
+    let ours = std::hint::black_box(&here) as *const u8 as usize;
+    let theirs = SEEN_STACK.load(Ordering::Relaxed);
+    assert!(
+        theirs < ours && ours - theirs < 64 * 1024,
+        "handler's stack at {theirs:#x}, the thread's at {ours:#x}"
     );
 
     for bad in [0, -1, 65, 1000] {
