@@ -19,7 +19,7 @@
 //!
 //! Three parts:
 //!
-//! 1. Builds `src/bin/workloads.rs` five times with nested
+//! 1. Builds `src/bin/workloads.rs` five times (and `pair_floor` once) with nested
 //!    `cargo build --release -p percpu-bench --bin workloads` (no feature: system
 //!    malloc; `global-jemalloc`; `global-mimalloc`; `global-percpu`: percpu,
 //!    declared in the program as an application would; `global-percpu,hardened`,
@@ -42,7 +42,9 @@
 //!    a program writes them (`Box::new`, `Vec::with_capacity`), because
 //!    the allocator a program reaches through `__rust_alloc` is inlined
 //!    differently from a `GlobalAlloc` called in this process. Last, the
-//!    pairs and batches again, the `hardened` build against the plain one.
+//!    pairs and batches again, the `hardened` build against the plain one,
+//!    and `pair_floor` (the hot pair's loop under a null allocator, and
+//!    bare sections) beside the jemalloc and percpu pairs.
 //!
 //! The targets are checked against this run's ratios, the whole-program
 //! ones first; those from part 2 are marked in-process.
@@ -253,18 +255,27 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
 // ---------------------------------------------------------------------------
 // Part 1: the five builds of `workloads`.
 
-/// (binary name, cargo features) of each build: one per allocator, and
-/// the percpu program with `hardened`, whose cost has its own table.
-const BUILDS: [(&str, &str); 5] = [
-    ("system", ""),
-    ("jemalloc", "global-jemalloc"),
-    ("mimalloc", "global-mimalloc"),
-    ("percpu", "global-percpu"),
-    ("percpu-hardened", "global-percpu,hardened"),
+/// (copy's name, cargo binary, cargo features) of each build: `workloads`
+/// once per allocator and once more as the percpu program with `hardened`,
+/// whose cost has its own table; and `pair_floor`, the parts of the hot
+/// pair's time no allocator removes.
+const BUILDS: [(&str, &str, &str); 6] = [
+    ("workloads-system", "workloads", ""),
+    ("workloads-jemalloc", "workloads", "global-jemalloc"),
+    ("workloads-mimalloc", "workloads", "global-mimalloc"),
+    ("workloads-percpu", "workloads", "global-percpu"),
+    (
+        "workloads-percpu-hardened",
+        "workloads",
+        "global-percpu,hardened",
+    ),
+    ("pair_floor", "pair_floor", ""),
 ];
-/// The percpu build in [`BUILDS`], and the same program with `hardened`.
+/// The percpu build in [`BUILDS`], the same program with `hardened`, and
+/// `pair_floor`.
 const PERCPU_BIN: usize = 3;
 const HARDENED_BIN: usize = 4;
+const FLOOR_BIN: usize = 5;
 
 /// Where the workload binaries are kept: under the target folder, never
 /// beside the report (which may be the repository's `docs/`).
@@ -279,10 +290,10 @@ fn build_workloads() -> Result<Vec<PathBuf>, String> {
     let bin_dir = bin_dir();
     std::fs::create_dir_all(&bin_dir).map_err(|e| format!("{}: {e}", bin_dir.display()))?;
     let mut bins = Vec::new();
-    for (name, features) in BUILDS {
-        eprintln!("building workloads for {name}");
+    for (name, program, features) in BUILDS {
+        eprintln!("building {name}");
         let mut cmd = Command::new(&cargo);
-        cmd.args(["build", "--release", "--quiet", "--bin", "workloads"])
+        cmd.args(["build", "--release", "--quiet", "--bin", program])
             .arg("--manifest-path")
             .arg(&manifest)
             .arg("--target-dir")
@@ -294,12 +305,10 @@ fn build_workloads() -> Result<Vec<PathBuf>, String> {
             .status()
             .map_err(|e| format!("cannot run {cargo}: {e}"))?;
         if !status.success() {
-            return Err(format!(
-                "cargo build of workloads for {name} failed ({status})"
-            ));
+            return Err(format!("cargo build of {name} failed ({status})"));
         }
-        let built = target.join("release/workloads");
-        let bin = bin_dir.join(format!("workloads-{name}"));
+        let built = target.join("release").join(program);
+        let bin = bin_dir.join(name);
         // Copied to a new file (not over a running one) each time.
         let _ = std::fs::remove_file(&bin);
         std::fs::copy(&built, &bin).map_err(|e| format!("{}: {e}", built.display()))?;
@@ -745,6 +754,97 @@ fn run_hardened(
         eprintln!();
     }
     Ok(ratios)
+}
+
+/// What one round of the floor measured, in ns per pair: `pair_floor`'s
+/// loop under a null allocator and its bare sections (`None` where it
+/// has no rseq area), and beside them the same 64-byte uninitialised pair
+/// under jemalloc and under percpu.
+#[derive(Clone, Copy)]
+struct Floor {
+    loop_ns: f64,
+    sections_ns: Option<f64>,
+    /// The count word's round trips alone.
+    chain_ns: Option<f64>,
+    jemalloc_ns: f64,
+    percpu_ns: f64,
+}
+
+/// `pair_floor` once per round, with the pair case's operation count, and
+/// the jemalloc and percpu pair beside it (the three interleaved, so the
+/// ratios are of neighbouring runs); empty when no 64-byte uninitialised
+/// pair runs.
+fn run_floor(opts: &Options, bins: &[PathBuf], cases: &[Case]) -> Result<Vec<Floor>, String> {
+    let Some(pair) = cases.iter().find(|c| {
+        c.kind
+            == Kind::Pair {
+                size: 64,
+                zeroed: false,
+            }
+    }) else {
+        return Ok(Vec::new());
+    };
+    let ops = pair
+        .args
+        .iter()
+        .find(|a| a.starts_with("ops="))
+        .ok_or("the pair case has no ops")?;
+    let bin = &bins[FLOOR_BIN];
+    let mut floors = Vec::new();
+    eprint!("pair floor, {} rounds", opts.rounds);
+    for round in 0..opts.rounds {
+        let pair_ns = |i: usize, alloc: &str, path: &str| {
+            run_bin(
+                &bins[i],
+                alloc,
+                path,
+                &format!("{alloc} / the floor's pair"),
+                pair,
+            )
+            .map(|s| s.ns / s.ops)
+        };
+        // Each round starts with another of the three.
+        let (mut jemalloc_ns, mut percpu_ns) = (0.0, 0.0);
+        if round % 3 == 1 {
+            jemalloc_ns = pair_ns(JE, "jemalloc", "-")?;
+            percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?;
+        } else if round % 3 == 2 {
+            percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?;
+        }
+        let out = Command::new(bin)
+            .arg(ops)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "pair_floor failed ({})\n{stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("result "))
+            .ok_or_else(|| format!("pair_floor: no result line in {stdout:?}"))?;
+        let num = |key| field(line, key).and_then(|v| v.parse::<f64>().ok());
+        let n = num("ops").ok_or("pair_floor: no ops")?;
+        if round % 3 == 0 {
+            jemalloc_ns = pair_ns(JE, "jemalloc", "-")?;
+            percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?;
+        } else if round % 3 == 2 {
+            jemalloc_ns = pair_ns(JE, "jemalloc", "-")?;
+        }
+        floors.push(Floor {
+            loop_ns: num("loop_ns").ok_or("pair_floor: no loop_ns")? / n,
+            sections_ns: num("sections_ns").map(|ns| ns / n),
+            chain_ns: num("chain_ns").map(|ns| ns / n),
+            jemalloc_ns,
+            percpu_ns,
+        });
+    }
+    eprintln!();
+    Ok(floors)
 }
 
 fn rounds_of(samples: &[[Sample; 5]], f: impl Fn(&Sample) -> f64) -> Rounds {
@@ -1222,7 +1322,7 @@ fn run(opts: &Options) -> Result<(), String> {
     let bins = if opts.no_build {
         let bins: Vec<PathBuf> = BUILDS
             .iter()
-            .map(|(name, _)| bin_dir().join(format!("workloads-{name}")))
+            .map(|(name, _, _)| bin_dir().join(name))
             .collect();
         if let Some(missing) = bins.iter().find(|b| !b.is_file()) {
             return Err(format!("--no-build: {} is missing", missing.display()));
@@ -1246,6 +1346,7 @@ fn run(opts: &Options) -> Result<(), String> {
     };
     let samples = run_programs(opts, &bins, &cases)?;
     let hardened = run_hardened(opts, &bins, &cases)?;
+    let floor = run_floor(opts, &bins, &cases)?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
 
     let doc = Doc {
@@ -1254,6 +1355,7 @@ fn run(opts: &Options) -> Result<(), String> {
         cases: &cases,
         samples: &samples,
         hardened: &hardened,
+        floor: &floor,
     };
     let charts = opts.out.join("benchmarks");
     std::fs::create_dir_all(&charts).map_err(|e| format!("{}: {e}", charts.display()))?;
@@ -1307,6 +1409,8 @@ struct Doc<'a> {
     /// Per hot pair and batch, the `hardened` program's time over the
     /// plain one's, each round.
     hardened: &'a [(String, Vec<f64>)],
+    /// `pair_floor`, each round.
+    floor: &'a [Floor],
 }
 
 impl Doc<'_> {
@@ -1424,6 +1528,8 @@ impl Doc<'_> {
         );
         programs_table(&mut md, self.cases, self.samples);
 
+        self.floor_section(&mut md);
+
         let _ = writeln!(md, "\n## What `hardened` costs\n");
         let _ = writeln!(
             md,
@@ -1452,6 +1558,56 @@ impl Doc<'_> {
         }
         let _ = writeln!(md, "![peak RSS](benchmarks/memory.svg)");
         md
+    }
+
+    /// The hot pair's time taken apart: the program's own loop and two bare
+    /// sections, against jemalloc's and percpu's pairs of the same run.
+    fn floor_section(&self, md: &mut String) {
+        let _ = writeln!(md, "\n## How far the hot pair can go\n");
+        if self.floor.is_empty() {
+            let _ = writeln!(md, "The 64-byte uninitialised pair did not run.");
+            return;
+        }
+        // Medians of the parts, and of each part's per-round ratio to the
+        // jemalloc pair of the same round.
+        let med = |f: &dyn Fn(&Floor) -> Option<f64>| {
+            let v: Vec<f64> = self.floor.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| median(v))
+        };
+        let ratio = |f: &dyn Fn(&Floor) -> Option<f64>| {
+            med(&|x: &Floor| f(x).map(|ns| ns / x.jemalloc_ns)).unwrap_or(f64::NAN)
+        };
+        let _ = writeln!(
+            md,
+            "`pair_floor` (`bench/src/bin/pair_floor.rs`) runs the loop of the `Box::new_uninit` pair under a global allocator that does nothing (one static block, nothing freed), and two bare sections per pair (the `rseq_cs` store, the `cpu_id` load, the CPU's record, the count and the slot: what a hit must run). Each of {} rounds runs it beside the jemalloc and the percpu programs' 64-byte pair. Medians, ns per alloc+free pair, and the median of each part's per-round ratio to that round's jemalloc pair:\n",
+            self.floor.len()
+        );
+        let _ = writeln!(md, "| part | ns per pair | / jemalloc's pair |");
+        let _ = writeln!(md, "|---|---:|---:|");
+        let mut row = |what: &str, f: &dyn Fn(&Floor) -> Option<f64>| {
+            let _ = match med(f) {
+                Some(ns) => writeln!(md, "| {what} | {ns:.2} | {:.2} |", ratio(f)),
+                None => writeln!(md, "| {what} | - (no rseq area) | - |"),
+            };
+        };
+        row("the program's loop alone (null allocator)", &|f| {
+            Some(f.loop_ns)
+        });
+        row(
+            "the count word's round trips alone (in the sections)",
+            &|f| f.chain_ns,
+        );
+        row("two bare sections", &|f| f.sections_ns);
+        row(
+            "the two together: the floor of a hit path, estimated",
+            &|f| f.sections_ns.map(|s| s + f.loop_ns),
+        );
+        row("jemalloc's pair", &|f| Some(f.jemalloc_ns));
+        row("percpu's pair", &|f| Some(f.percpu_ns));
+        let _ = writeln!(
+            md,
+            "\nThe sum estimates the floor: neither part waits long on a chain of latencies (the count word's store-to-load round trips, the only chain from one pair to the next, are the second row), both are bound by how fast the core issues instructions, so their times add, and no hit path can run fewer instructions than its section. What percpu spends over the sum is the code around its sections: the table pointer, the size limit, the record's offset and the rseq offset read per operation, the signal-scope check of a free and the cap read of a push."
+        );
     }
 
     /// Every whole program sorted into faster, even and slower than
