@@ -14,7 +14,10 @@
 //!   the CPU's record from a table, the count and the slot;
 //! - `chain`: the count word alone, read and written back by the pop and
 //!   the push, the one chain of latencies a pair carries from one to the
-//!   next (each load waits for the store before it).
+//!   next (each load waits for the store before it);
+//! - `locks`: for the try-lock fallback, two takes and releases of a slot
+//!   per pair (a compare-and-swap and a release store each), which every
+//!   fallback pair pays before any list work.
 //!
 //! Their sum against jemalloc's pair estimates the floor of `percpu /
 //! jemalloc`: both parts are bound by instruction throughput, not by a
@@ -24,7 +27,7 @@
 //!
 //! ```text
 //! cargo run --release -p percpu-bench --bin pair_floor -- ops=100000000
-//! result workload=pair_floor loop_ns=.. sections_ns=.. chain_ns=.. ops=..
+//! result workload=pair_floor loop_ns=.. sections_ns=.. chain_ns=.. locks_ns=.. ops=..
 //! ```
 //!
 //! `sections` needs x86_64 Linux with glibc's rseq registration, and reads
@@ -229,6 +232,23 @@ mod sections {
     pub(super) fn chain(_ops: usize) {}
 }
 
+/// `ops` pairs of try-lock takes and releases on one slot word.
+#[inline(never)]
+fn locks(ops: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let slot = AtomicU64::new(0);
+    let slot = std::hint::black_box(&slot);
+    for _ in 0..ops {
+        for _ in 0..2 {
+            let taken = slot
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok();
+            assert!(taken, "nobody else holds this slot");
+            slot.store(0, Ordering::Release);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     if cfg!(feature = "global") {
         eprintln!("pair_floor: the global feature installs percpu-alloc; build without it");
@@ -257,9 +277,12 @@ fn main() -> std::process::ExitCode {
     let start = Instant::now();
     sections::chain(ops);
     let chain_ns = start.elapsed().as_nanos();
+    let start = Instant::now();
+    locks(ops);
+    let locks_ns = start.elapsed().as_nanos();
     let or_dash = |ns: u128| sections.map_or_else(|| "-".to_string(), |()| ns.to_string());
     println!(
-        "result workload=pair_floor loop_ns={loop_ns} sections_ns={} chain_ns={} ops={ops}",
+        "result workload=pair_floor loop_ns={loop_ns} sections_ns={} chain_ns={} locks_ns={locks_ns} ops={ops}",
         or_dash(sections_ns),
         or_dash(chain_ns)
     );

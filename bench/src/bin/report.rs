@@ -766,6 +766,8 @@ struct Floor {
     sections_ns: Option<f64>,
     /// The count word's round trips alone.
     chain_ns: Option<f64>,
+    /// Two try-lock takes and releases (the fallback's per-pair minimum).
+    locks_ns: f64,
     jemalloc_ns: f64,
     percpu_ns: f64,
 }
@@ -839,6 +841,7 @@ fn run_floor(opts: &Options, bins: &[PathBuf], cases: &[Case]) -> Result<Vec<Flo
             loop_ns: num("loop_ns").ok_or("pair_floor: no loop_ns")? / n,
             sections_ns: num("sections_ns").map(|ns| ns / n),
             chain_ns: num("chain_ns").map(|ns| ns / n),
+            locks_ns: num("locks_ns").ok_or("pair_floor: no locks_ns")? / n,
             jemalloc_ns,
             percpu_ns,
         });
@@ -1604,9 +1607,13 @@ impl Doc<'_> {
         );
         row("jemalloc's pair", &|f| Some(f.jemalloc_ns));
         row("percpu's pair", &|f| Some(f.percpu_ns));
+        row(
+            "the fallback's slot taken and released twice (compare-and-swap, release store)",
+            &|f| Some(f.locks_ns),
+        );
         let _ = writeln!(
             md,
-            "\nThe sum estimates the floor: neither part waits long on a chain of latencies (the count word's store-to-load round trips, the only chain from one pair to the next, are the second row), both are bound by how fast the core issues instructions, so their times add, and no hit path can run fewer instructions than its section. What percpu spends over the sum is the code around its sections: the table pointer, the size limit, the record's offset and the rseq offset read per operation, the signal-scope check of a free and the cap read of a push."
+            "\nThe sum estimates the floor: neither part waits long on a chain of latencies (the count word's store-to-load round trips, the only chain from one pair to the next, are the second row), both are bound by how fast the core issues instructions, so their times add, and no hit path can run fewer instructions than its section. What percpu spends over the sum is the code around its sections: the table pointer, the size limit, the record's offset and the rseq offset read per operation, the signal-scope check of a free and the cap read of a push. The last row is what the try-lock fallback pays per pair before its CPU read, its lists or the program's loop: an atomic read-modify-write costs several times a plain store."
         );
     }
 
@@ -1654,9 +1661,22 @@ impl Doc<'_> {
             .fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
                 (lo.min(r), hi.max(r))
             });
+        // Two takes and releases of a slot against jemalloc's pair, from
+        // `pair_floor`'s rounds, where the pair ran.
+        let locks = (!self.floor.is_empty()).then(|| {
+            median(
+                self.floor
+                    .iter()
+                    .map(|f| f.locks_ns / f.jemalloc_ns)
+                    .collect(),
+            )
+        });
+        let locks = locks.map_or_else(String::new, |r| {
+            format!(" (in this run the two, alone in a loop, took {r:.2}x jemalloc's whole 64-byte pair: \"How far the hot pair can go\")")
+        });
         let _ = writeln!(
             md,
-            "**The fallback path** (glibc's rseq off) takes {lo:.2}x to {hi:.2}x jemalloc's time (median {:.2}x). Each operation there takes and releases its CPU's slot with an atomic compare-and-swap and a release store; an atomic read-modify-write costs several times a plain store (a `lock cmpxchg` took 4.75 ns on the project's 2-core AMD EPYC host), and a pair needs two, which is more than jemalloc's whole pair on a hit. It is the path for machines without rseq, not a rival to it.\n",
+            "**The fallback path** (glibc's rseq off) takes {lo:.2}x to {hi:.2}x jemalloc's time (median {:.2}x). Each operation there takes and releases its CPU's slot with an atomic compare-and-swap and a release store; an atomic read-modify-write costs several times a plain store, and a pair needs two{locks}. It is the path for machines without rseq, not a rival to it.\n",
             median(fallback.clone())
         );
         let mi_faster: Vec<&str> = (0..self.cases.len())
