@@ -64,14 +64,16 @@ static ARENA: Arena = Arena(std::cell::UnsafeCell::new([0; ARENA_LEN]));
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4096);
 
 // SAFETY: the hot block (64 bytes, 4096-aligned) serves only 64-byte
-// layouts, one at a time in the timed loop; every other layout gets fresh
-// bump memory aligned to a page (alignments above a page, or the region
-// running out, get null).
+// byte-aligned layouts, which only the timed loop asks for, one at a time;
+// every other layout gets fresh bump memory aligned to a page (alignments
+// above a page, or the region running out, get null).
 unsafe impl std::alloc::GlobalAlloc for Null {
     #[inline(always)]
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         let base = ARENA.0.get() as *mut u8;
-        if layout.size() == 64 && layout.align() <= 64 {
+        // `Box<[u8; 64]>` alone: byte-aligned, so no object of the
+        // runtime's (word-aligned) that lives on can get the hot block.
+        if layout.size() == 64 && layout.align() == 1 {
             return base;
         }
         if layout.align() > 4096 {
