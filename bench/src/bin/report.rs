@@ -253,7 +253,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
 }
 
 // ---------------------------------------------------------------------------
-// Part 1: the five builds of `workloads`.
+// Part 1: the builds: `workloads` five times, `pair_floor` once.
 
 /// (copy's name, cargo binary, cargo features) of each build: `workloads`
 /// once per allocator and once more as the percpu program with `hardened`,
@@ -805,38 +805,17 @@ fn run_floor(opts: &Options, bins: &[PathBuf], cases: &[Case]) -> Result<Vec<Flo
             )
             .map(|s| s.ns / s.ops)
         };
-        // Each round starts with another of the three.
-        let (mut jemalloc_ns, mut percpu_ns) = (0.0, 0.0);
-        if round % 3 == 1 {
-            jemalloc_ns = pair_ns(JE, "jemalloc", "-")?;
-            percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?;
-        } else if round % 3 == 2 {
-            percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?;
+        // The three in turn, each round starting with the next one.
+        let (mut jemalloc_ns, mut percpu_ns, mut line) = (0.0, 0.0, String::new());
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => jemalloc_ns = pair_ns(JE, "jemalloc", "-")?,
+                1 => percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?,
+                _ => line = run_pair_floor(bin, ops)?,
+            }
         }
-        let out = Command::new(bin)
-            .arg(ops)
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            return Err(format!(
-                "pair_floor failed ({})\n{stdout}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("result "))
-            .ok_or_else(|| format!("pair_floor: no result line in {stdout:?}"))?;
-        let num = |key| field(line, key).and_then(|v| v.parse::<f64>().ok());
+        let num = |key| field(&line, key).and_then(|v| v.parse::<f64>().ok());
         let n = num("ops").ok_or("pair_floor: no ops")?;
-        if round % 3 == 0 {
-            jemalloc_ns = pair_ns(JE, "jemalloc", "-")?;
-            percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?;
-        } else if round % 3 == 2 {
-            jemalloc_ns = pair_ns(JE, "jemalloc", "-")?;
-        }
         floors.push(Floor {
             loop_ns: num("loop_ns").ok_or("pair_floor: no loop_ns")? / n,
             sections_ns: num("sections_ns").map(|ns| ns / n),
@@ -848,6 +827,27 @@ fn run_floor(opts: &Options, bins: &[PathBuf], cases: &[Case]) -> Result<Vec<Flo
     }
     eprintln!();
     Ok(floors)
+}
+
+/// One run of `pair_floor` with `ops`: its result line.
+fn run_pair_floor(bin: &FsPath, ops: &str) -> Result<String, String> {
+    let out = Command::new(bin)
+        .arg(ops)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "pair_floor failed ({})\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    stdout
+        .lines()
+        .find(|l| l.starts_with("result "))
+        .map(str::to_string)
+        .ok_or_else(|| format!("pair_floor: no result line in {stdout:?}"))
 }
 
 fn rounds_of(samples: &[[Sample; 5]], f: impl Fn(&Sample) -> f64) -> Rounds {
