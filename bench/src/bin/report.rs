@@ -651,21 +651,8 @@ fn run_bin(
     if path == "fallback" {
         cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "{what}: child failed ({})\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("result "))
-        .ok_or_else(|| format!("{what}: no result line in {stdout:?}"))?;
+    let line = result_line(cmd, what)?;
+    let line = line.as_str();
     if field(line, "alloc") != Some(alloc) || field(line, "path") != Some(path) {
         return Err(format!(
             "{what}: asked for {alloc} on path {path}, got {line:?}"
@@ -811,7 +798,11 @@ fn run_floor(opts: &Options, bins: &[PathBuf], cases: &[Case]) -> Result<Vec<Flo
             match (round + k) % 3 {
                 0 => jemalloc_ns = pair_ns(JE, "jemalloc", "-")?,
                 1 => percpu_ns = pair_ns(PERCPU_BIN, "percpu", "rseq")?,
-                _ => line = run_pair_floor(bin, ops)?,
+                _ => {
+                    let mut cmd = Command::new(bin);
+                    cmd.arg(ops);
+                    line = result_line(cmd, "pair_floor")?;
+                }
             }
         }
         let num = |key| field(&line, key).and_then(|v| v.parse::<f64>().ok());
@@ -829,16 +820,16 @@ fn run_floor(opts: &Options, bins: &[PathBuf], cases: &[Case]) -> Result<Vec<Flo
     Ok(floors)
 }
 
-/// One run of `pair_floor` with `ops`: its result line.
-fn run_pair_floor(bin: &FsPath, ops: &str) -> Result<String, String> {
-    let out = Command::new(bin)
-        .arg(ops)
+/// Runs `cmd`, a child that prints a `result ...` line, and returns that
+/// line; a child that fails or prints none is an error naming `what`.
+fn result_line(mut cmd: Command, what: &str) -> Result<String, String> {
+    let out = cmd
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        .map_err(|e| format!("{what}: cannot run {cmd:?}: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(
-            "pair_floor failed ({})\n{stdout}{}",
+            "{what}: child failed ({})\n{stdout}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
@@ -847,7 +838,7 @@ fn run_pair_floor(bin: &FsPath, ops: &str) -> Result<String, String> {
         .lines()
         .find(|l| l.starts_with("result "))
         .map(str::to_string)
-        .ok_or_else(|| format!("pair_floor: no result line in {stdout:?}"))
+        .ok_or_else(|| format!("{what}: no result line in {stdout:?}"))
 }
 
 fn rounds_of(samples: &[[Sample; 5]], f: impl Fn(&Sample) -> f64) -> Rounds {
