@@ -33,6 +33,13 @@
 //! or if the function's first instruction is a `push` (a prologue that every
 //! call pays, whichever path it takes), or if no such path exists at all.
 //!
+//! A second check reads `shape_probe_box_of_zeros`, the probe's
+//! `Box::new([0u8; 256])` with the hit path inlined into it, and fails if
+//! it reaches `memcpy` or `memmove`: the zeros must be written straight
+//! into the block, as they are under an allocator LLVM cannot see into.
+//! Anything in the inlined alloc that LLVM takes for a fence (an atomic
+//! load is one) makes it build the array on the stack and copy it.
+//!
 //! It is pure text analysis of the disassembly, so its verdict depends only
 //! on the binary, never on timing or on the machine it runs on. Exit status:
 //! 0 when both functions pass, 1 when a rule fails, 2 when the check could
@@ -48,6 +55,9 @@ const DEFAULT_BUDGET: usize = 30;
 
 /// The functions checked, as rustc names them before mangling.
 const TARGETS: [&str; 2] = ["__rust_alloc", "__rust_dealloc"];
+
+/// The function the copy check reads, exported unmangled by the probe.
+const COPY_PROBE: &str = "shape_probe_box_of_zeros";
 
 /// One disassembled instruction.
 #[derive(Debug, Clone)]
@@ -488,6 +498,39 @@ fn report(label: &str, f: &Function, budget: usize) -> bool {
     ok
 }
 
+/// The instructions of `f` that reach `memcpy` or `memmove`: a call or
+/// jump to one (`<memcpy@plt>`), or a load of its address from the GOT,
+/// which objdump names in its comment (`# 110d60 <memcpy@GLIBC_2.14>`).
+fn copy_references(f: &Function) -> Vec<&Insn> {
+    f.insns
+        .iter()
+        .filter(|i| i.text.contains("<memcpy") || i.text.contains("<memmove"))
+        .collect()
+}
+
+/// Prints the copy check's verdict on the probe; returns whether it passed.
+fn report_copy(f: &Function) -> bool {
+    println!("== Box::new([0u8; 256]) ({})", f.name);
+    let refs = copy_references(f);
+    for insn in &refs {
+        println!(
+            "FAIL {COPY_PROBE}: copies through the stack: {:x}:  {}",
+            insn.addr, insn.text
+        );
+    }
+    let ok = refs.is_empty();
+    println!(
+        "{COPY_PROBE}: {}: {}",
+        if ok {
+            "the zeros go straight into the block (no memcpy, no memmove)"
+        } else {
+            "the array is built on the stack and copied into the block"
+        },
+        if ok { "ok" } else { "FAIL" }
+    );
+    ok
+}
+
 fn usage() -> ExitCode {
     eprintln!("usage: shape_check BINARY [--budget N]   (default budget {DEFAULT_BUDGET})");
     ExitCode::from(2)
@@ -564,6 +607,22 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+        }
+    }
+    match functions
+        .iter()
+        .filter(|f| f.name == COPY_PROBE)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [f] => all_ok &= report_copy(f),
+        found => {
+            eprintln!(
+                "shape_check: {} functions named {COPY_PROBE} in {binary} (built from \
+                 bench/src/bin/shape_probe.rs?)",
+                found.len()
+            );
+            return ExitCode::from(2);
         }
     }
     if all_ok {
@@ -800,5 +859,57 @@ mod tests {
         assert_eq!(flow(&indirect), Flow::Jump(None));
         let reg = parse_insn("  1:\tjmp    rax").unwrap();
         assert_eq!(flow(&reg), Flow::Jump(None));
+    }
+
+    #[test]
+    fn copy_check_finds_memcpy_however_reached() {
+        // As objdump printed the probe when an atomic load sat in the
+        // inlined alloc: the call through memcpy's GOT slot.
+        let through_got = function(
+            COPY_PROBE,
+            &[
+                (0x10, "movaps XMMWORD PTR [rsp+0xf0],xmm0"),
+                (
+                    0x18,
+                    "call   QWORD PTR [rip+0xdde5a]        # 110d60 <memcpy@GLIBC_2.14>",
+                ),
+                (0x1e, "ret"),
+            ],
+        );
+        assert_eq!(copy_references(&only(&through_got)).len(), 1);
+        // Its address loaded once for a loop, then called through a register.
+        let hoisted = function(
+            COPY_PROBE,
+            &[
+                (
+                    0x10,
+                    "mov    rbx,QWORD PTR [rip+0x123999]        # 174d70 <memcpy@GLIBC_2.14>",
+                ),
+                (0x17, "call   rbx"),
+            ],
+        );
+        assert_eq!(copy_references(&only(&hoisted)).len(), 1);
+        let plt = function(COPY_PROBE, &[(0x10, "jmp    1040 <memmove@plt>")]);
+        assert_eq!(copy_references(&only(&plt)).len(), 1);
+    }
+
+    #[test]
+    fn copy_check_passes_stores_into_the_block() {
+        let in_place = function(
+            COPY_PROBE,
+            &[
+                (
+                    0x10,
+                    "call   QWORD PTR [rip+0xddf21]        # 110d48 <_DYNAMIC+0x2b0>",
+                ),
+                (0x16, "movups XMMWORD PTR [rax+0xf0],xmm0"),
+                (
+                    0x1d,
+                    "call   QWORD PTR [rip+0xdd000]        # 110d80 <memset@GLIBC_2.2.5>",
+                ),
+                (0x23, "ret"),
+            ],
+        );
+        assert!(copy_references(&only(&in_place)).is_empty());
     }
 }

@@ -10,6 +10,10 @@
 //! cargo run --release -p percpu-bench --bin shape_check -- target/release/shape_probe
 //! ```
 //!
+//! It also holds `shape_probe_box_of_zeros`, for the checker's second
+//! check: that a value built before the alloc is still written straight
+//! into the block once the hit path is inlined around it.
+//!
 //! With the `global` feature the crate installs its own global allocator
 //! (`percpu_alloc::GLOBAL`), and a second `#[global_allocator]` would not
 //! compile; the static is left out then, and the probe disassembles the
@@ -20,6 +24,18 @@ use std::hint::black_box;
 #[cfg(not(feature = "global"))]
 #[global_allocator]
 static ALLOC: percpu_alloc::PerCpuAlloc = percpu_alloc::PerCpuAlloc::new();
+
+/// `Box::new` of a value built before the allocation, with the hit path
+/// inlined between the two, as in any function of the crate that declares
+/// the global allocator. The zeros must go straight into the block; a
+/// `memcpy` here means the inlined alloc kept LLVM from seeing that
+/// nothing between could change the stack copy (see `load_unfenced` in
+/// the crate's `src/allocator.rs`).
+#[no_mangle]
+#[inline(never)]
+pub fn shape_probe_box_of_zeros() -> Box<[u8; 256]> {
+    Box::new([0u8; 256])
+}
 
 fn main() {
     // A small fixed-size box, allocated and freed in a loop: the cache's hit
@@ -36,5 +52,7 @@ fn main() {
         let v: Vec<u8> = black_box(vec![1u8; len]);
         sum += v.len() as u64;
     }
+    let zeros = black_box(shape_probe_box_of_zeros());
+    sum += u64::from(zeros[0] | zeros[255]);
     println!("shape_probe: {}", black_box(sum));
 }
