@@ -42,7 +42,7 @@
 //!
 //! It is pure text analysis of the disassembly, so its verdict depends only
 //! on the binary, never on timing or on the machine it runs on. Exit status:
-//! 0 when both functions pass, 1 when a rule fails, 2 when the check could
+//! 0 when every check passes, 1 when a rule fails, 2 when the check could
 //! not run (bad arguments, objdump missing, the functions not found).
 
 use std::cmp::Reverse;
