@@ -523,37 +523,43 @@ fn cases(opts: &Options) -> Vec<Case> {
         &[format!("ops={}", 360_000 / scale / 2)],
         1,
     ));
-    let pair_sizes: &[usize] = if full { &[16, 64, 256] } else { &[64, 256] };
+    // (size, zeroed) per hot pair. Quick mode keeps the 256-byte pair for
+    // `Box::new([0; 256])` alone: a value built before the alloc and moved
+    // in after, which an inlined alloc can get in the way of
+    // (docs/design.md, "An alloc the optimiser can see across").
+    let pairs: &[(usize, bool)] = if full {
+        &[
+            (16, true),
+            (16, false),
+            (64, true),
+            (64, false),
+            (256, true),
+            (256, false),
+        ]
+    } else {
+        &[(64, true), (64, false), (256, true)]
+    };
     let pair_ops = PAIR_OPS_QUICK * if full { 3 } else { 1 };
-    for &size in pair_sizes {
-        for zeroed in [true, false] {
-            // Quick mode keeps the 256-byte pair for `Box::new([0; 256])`
-            // alone: the value built before the alloc and moved in after,
-            // which an inlined alloc can get in the way of (docs/design.md,
-            // "An alloc the optimiser can see across").
-            if !full && size == 256 && !zeroed {
-                continue;
-            }
-            let (label, init) = if zeroed {
-                (
-                    format!("hot pair, {size} B, Box::new([0; {size}])"),
-                    "zeroed",
-                )
-            } else {
-                (format!("hot pair, {size} B, Box::new_uninit"), "none")
-            };
-            v.push(case(
-                label,
-                Kind::Pair { size, zeroed },
-                "pair",
-                &[
-                    format!("size={size}"),
-                    format!("ops={pair_ops}"),
-                    format!("init={init}"),
-                ],
-                1,
-            ));
-        }
+    for &(size, zeroed) in pairs {
+        let (label, init) = if zeroed {
+            (
+                format!("hot pair, {size} B, Box::new([0; {size}])"),
+                "zeroed",
+            )
+        } else {
+            (format!("hot pair, {size} B, Box::new_uninit"), "none")
+        };
+        v.push(case(
+            label,
+            Kind::Pair { size, zeroed },
+            "pair",
+            &[
+                format!("size={size}"),
+                format!("ops={pair_ops}"),
+                format!("init={init}"),
+            ],
+            1,
+        ));
     }
     let batch_ops = |live| {
         let quick = match live {
