@@ -584,13 +584,10 @@ impl PerCpuAlloc {
 ///
 /// The alloc is inlined into the program's own functions, and LLVM
 /// treats every atomic load (`Relaxed` too) as if it might write any
-/// memory, even stack temporaries nothing else can see. So code cannot
-/// be optimised across it. `Box::new(value)` builds `value`, allocates,
-/// then moves `value` in; with an atomic load between, LLVM built
-/// `[0u8; 256]` on the stack and copied it with `memcpy` instead of
-/// zeroing the block in place: 2.2x the time that loop took under
-/// jemalloc, whose alloc is an opaque call (docs/design.md, "An alloc the
-/// optimiser can see across").
+/// memory, even stack temporaries nothing else can see. `Box::new(value)`
+/// builds `value`, allocates, then moves it in; with an atomic load
+/// between, LLVM built the value on the stack and copied it with `memcpy`
+/// (docs/design.md, "An alloc the optimiser can see across").
 ///
 /// An aligned 8-byte `mov` is an atomic load on x86_64, with acquire
 /// ordering in hardware; marked `readonly`, the asm writes nothing as far
