@@ -339,15 +339,16 @@ impl Table {
 }
 
 /// A request the cache serves, as the hot paths carry it: where its
-/// class's record sits in every CPU's region, and the size it is served
-/// with, from which the out-of-line paths recover the class.
+/// class's record sits in every CPU's region, and the request's size, from
+/// which the out-of-line paths recover the class (through its
+/// [`served_size`], which the hit paths never compute).
 ///
 /// The size comes first, and the layout is C's, so that a site passed on
 /// keeps the size in the register the request's size arrived in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub(crate) struct Site {
-    /// A size of the class.
+    /// A size whose served size is of the class.
     size: usize,
     /// The record's offset in a CPU's region.
     pub(crate) rec_off: usize,
@@ -357,18 +358,19 @@ impl Site {
     /// The class.
     #[inline(always)]
     pub(crate) fn class(self) -> Class {
-        lookup(self.size)
+        lookup(served_size(self.size))
     }
 
     /// A size of the class, non-zero: jemalloc serves and frees it as a
     /// block of the class.
     #[inline(always)]
     pub(crate) fn size(self) -> usize {
-        self.size.max(1)
+        served_size(self.size).max(1)
     }
 
     /// The size as the lookups by size index it (below the table's size
-    /// limit, so in range).
+    /// limit, so in range): the request's own, since each entry holds its
+    /// served class's.
     #[inline(always)]
     pub(crate) fn served(self) -> usize {
         self.size
@@ -407,10 +409,17 @@ impl Geometry {
 
 /// Sizes below this are cached: one more than the largest cached size, or
 /// 0 when nothing is.
+///
+/// The hit paths compare a request's own size with it, not its
+/// [`served_size`]: the two agree for every limit above 16, and with
+/// `hardened` a limit of 16 or less (the 8-byte class alone, which that
+/// feature never serves) caches nothing, so it is 0.
 fn header_limit(g: &Geometry, config: &Config) -> usize {
+    let max = config.max_cached_size();
     match g.classes {
         0 => 0,
-        _ => config.max_cached_size() + 1,
+        _ if served_size(max) > max => 0,
+        _ => max + 1,
     }
 }
 
@@ -538,7 +547,7 @@ impl Table {
     /// it is: one compare and one load.
     #[inline(always)]
     pub(crate) fn site(&self, size: usize) -> Option<Site> {
-        let size = served_size(size);
+        // The request's own size: see `header_limit`.
         if size >= self.0.size_limit {
             return None;
         }
@@ -775,6 +784,40 @@ mod tests {
         assert!(TaskWord::slots(200).can_push_slot(55, 256));
         assert!(!TaskWord::slots(200).can_push_slot(56, 256));
         assert!(!TaskWord::EMPTY.can_push_slot(0, 0));
+    }
+
+    #[test]
+    fn every_cached_size_finds_its_served_class() {
+        // The hit paths look up a request's own size; what they find must
+        // be its served size's class, record and cap, and a size whose
+        // served size is not cached must find nothing (with `hardened`, a
+        // table of the 8-byte class alone caches nothing at all).
+        for max in [0, 8, 16, 24, 256, MAX_CACHEABLE_SIZE] {
+            let config = Config::new().with_max_cached_size(max);
+            let t = Table::create(&config, Path::Fallback, 0, 1);
+            assert!(!t.is_null());
+            // SAFETY: just made, destroyed below.
+            let table = unsafe { &*t };
+            let g = Geometry::of(&config);
+            for size in 0..=MAX_CACHEABLE_SIZE + 1 {
+                let served = served_size(size);
+                let class = lookup(served.min(MAX_CACHEABLE_SIZE));
+                let cached = served <= config.max_cached_size() && class.index() < g.classes;
+                let site = table.site(size);
+                assert_eq!(site.is_some(), cached, "max {max}, size {size}");
+                let Some(site) = site else { continue };
+                assert_eq!(site.rec_off, g.rec_off[class.index()], "size {size}");
+                assert_eq!(site.class(), class, "size {size}");
+                assert_eq!(lookup(site.size()), class, "size {size}");
+                assert!(site.size() >= 16 || !cfg!(feature = "hardened"));
+                // SAFETY: `served()` is below the limit, inside the caps.
+                let cap =
+                    unsafe { *(table.addr().add(CAP_BY_SIZE) as *const u64).add(site.served()) };
+                assert_eq!(cap, g.caps[class.index()], "size {size}");
+            }
+            // SAFETY: nothing else uses it.
+            unsafe { Table::destroy(t) };
+        }
     }
 
     #[test]
