@@ -84,6 +84,17 @@ impl<'t> Pop<'t> {
         Pop::new(core::ptr::null_mut(), 0, false)
     }
 
+    /// Aborts if the pop refused a corrupted block: with `hardened`, the
+    /// rseq path's slot check leaves as a refusal whose `at` is the
+    /// block's address with its low bit set, which no record's is
+    /// (records are 64-aligned). A refusal's handler calls this first.
+    #[inline(always)]
+    pub(crate) fn corrupted(&self) {
+        if cfg!(feature = "hardened") && self.at & 1 != 0 {
+            crate::hardened::corrupted((self.at - 1) as *mut u8);
+        }
+    }
+
     /// The record the pop looked at; `None` when the thread had no usable
     /// CPU.
     #[inline(always)]

@@ -190,10 +190,11 @@ mod imp {
     }
 
     /// After a slot pop's commit (`hardened`): a block whose first word is
-    /// not the encoded empty link leaves with its low bit set, for the
-    /// caller to abort on; else its key is cleared, as
-    /// [`on_slot_alloc`](crate::hardened::on_slot_alloc) does. The misses
-    /// jump to `9:`, past the check.
+    /// not the encoded empty link leaves as a refusal, `{p}` null and `{r}`
+    /// the block's address with its low bit set (see `Pop::corrupted`),
+    /// so the hit path tests nothing more than a refusal; else its key is
+    /// cleared, as [`on_slot_alloc`](crate::hardened::on_slot_alloc) does.
+    /// The misses jump to `9:`, past the check.
     #[cfg(feature = "hardened")]
     macro_rules! slot_check {
         () => {
@@ -204,7 +205,13 @@ mod imp {
                 "jne 22f\n",
                 "mov qword ptr [{p} + 8], 0\n",
                 "9:\n",
-                cold!("22:\n", "or {p}, 1\n", "jmp 9b"),
+                cold!(
+                    "22:\n",
+                    "lea {r}, [{p} + 1]\n",
+                    "xor {p:e}, {p:e}\n",
+                    "mov {q:e}, 1\n",
+                    "jmp 9b",
+                ),
             )
         };
     }
@@ -339,9 +346,6 @@ mod imp {
                 section!(secret = const SECRET_OFF,);
                 #[cfg(not(feature = "hardened"))]
                 section!();
-            }
-            if cfg!(feature = "hardened") && block as usize & 1 != 0 {
-                crate::hardened::corrupted(block.wrapping_byte_sub(1));
             }
             Pop::new(block, r as isize, q == 0)
         }

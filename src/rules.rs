@@ -134,6 +134,7 @@ fn alloc_refused<P: PerCpu>(
     // The pop's result comes in as scalars: as a struct it would go
     // through memory.
     let pop = Pop::new(ptr::null_mut(), at, plain);
+    pop.corrupted();
     if plain {
         // 3. A miss with nothing else to do.
         count(t, pop.record(), Event::Miss);
@@ -402,6 +403,7 @@ pub(crate) fn alloc_cached<P: PerCpu>(t: &Table, site: Site) -> *mut u8 {
         count(t, pop.record(), Event::Hit);
         return pop.block;
     }
+    pop.corrupted();
     let Some(rec) = pop.record() else {
         return ptr::null_mut();
     };

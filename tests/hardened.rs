@@ -125,7 +125,8 @@ macro_rules! child_case {
             };
             // A block handed out by a slot is named in the message (the
             // rseq path checks it in its asm and passes the address back
-            // with its low bit set); a chain's link is checked without it.
+            // as a refusal, its low bit set); a chain's link is checked
+            // without it.
             if !$linked {
                 let victim = stderr
                     .lines()
