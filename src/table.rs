@@ -266,7 +266,7 @@ const PAGE: usize = 4096;
 /// header's first line, which every alloc and free reads, is not at page
 /// offset 0. That is where the first block of every fresh jemalloc slab
 /// is, so in a young process the hot blocks share their low 12 address
-/// bits with it, and with the header there the hot pair took 1.15x as
+/// bits with it, and with the header there the hot pair took 1.16x as
 /// long and a batch of 100 live blocks 1.3-1.5x in most processes
 /// (docs/design.md, "Where the header sits").
 const HEADER_AT: usize = PAGE / 2;
