@@ -710,9 +710,9 @@ unsafe fn usable_size_from_jemalloc(ptr: *mut u8) -> usize {
 /// that cannot be a `Layout` gets null.
 ///
 /// An alignment of at most 8 is jemalloc's `malloc` (every jemalloc block
-/// is aligned to 8 at least), called directly: through tikv-jemallocator's
-/// layout checks and flags, a 4 KiB pair took 8.3 ns against 5.2 ns under
-/// tikv-jemallocator itself.
+/// is aligned to 8 at least), called directly: tikv-jemallocator's layout
+/// checks and flags, a dozen instructions each way, showed at every size
+/// past the cache (docs/design.md, "Requests the cache does not serve").
 #[inline(always)]
 fn alloc_uncached(size: usize, align: usize, zeroed: bool) -> *mut u8 {
     if align <= 8 {

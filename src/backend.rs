@@ -4,16 +4,18 @@
 //! for exactly the class size and a flush is a sized free of it: calls
 //! without flags, which jemalloc serves on its fast path, made directly
 //! through tikv-jemalloc-sys (a deferred return has no size at all).
-//! Everything the cache does not take (large, over-aligned) goes through
-//! tikv-jemallocator's `Jemalloc`, which already maps a layout to flags.
+//! Larger layouts aligned to at most 8 take the same two calls. Over-aligned
+//! layouts the cache does not take go through tikv-jemallocator's
+//! `Jemalloc`, which already maps a layout to flags.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::c_void;
 use tikv_jemalloc_sys as je;
 use tikv_jemallocator::Jemalloc;
 
-/// A fresh block of the class jemalloc rounds `size` up to (our class:
-/// the classes are jemalloc's), zeroed if asked. `size` is non-zero.
+/// A fresh block of the class jemalloc rounds `size` up to (for a cached
+/// size, our class: the classes are jemalloc's), zeroed if asked, aligned
+/// to 8 at least. `size` is non-zero.
 #[inline(always)]
 pub(crate) fn alloc_sized(size: usize, zeroed: bool) -> *mut u8 {
     // SAFETY: `size` is non-zero.
@@ -28,7 +30,7 @@ pub(crate) fn alloc_sized(size: usize, zeroed: bool) -> *mut u8 {
 
 /// Returns a block of the class of `size` (`sdallocx` without flags has a
 /// fast path): one that [`alloc_sized`] made for a size of that class,
-/// possibly through the cache.
+/// possibly through the cache, or for `size` itself.
 ///
 /// # Safety
 /// `block` is a live jemalloc block of the class of `size`, no longer used.
