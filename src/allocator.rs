@@ -705,24 +705,12 @@ unsafe fn usable_size_from_jemalloc(ptr: *mut u8) -> usize {
 }
 
 /// Allocates from jemalloc a layout the cache does not serve. A zero size
-/// is asked for as 1, so it still gets a block of its own (and
-/// `GlobalAlloc` is never handed a zero size); an alignment for which even
-/// that cannot be a `Layout` gets null.
-///
-/// An alignment of at most 8 is jemalloc's `malloc` (every jemalloc block
-/// is aligned to 8 at least), called directly: tikv-jemallocator's layout
-/// checks and flags, a dozen instructions each way, showed at every size
-/// past the cache (docs/design.md, "Requests the cache does not serve").
+/// is asked for as 1, so it still gets a block of its own (and jemalloc is
+/// never handed a zero size); an alignment for which even that cannot be
+/// a `Layout` gets null.
 #[inline(always)]
 fn alloc_uncached(size: usize, align: usize, zeroed: bool) -> *mut u8 {
-    if align <= 8 {
-        return forget_class(backend::alloc_sized(size.max(1), zeroed));
-    }
-    match Layout::from_size_align(size.max(1), align) {
-        // SAFETY: the size is non-zero.
-        Ok(layout) => forget_class(unsafe { backend::alloc(layout, zeroed) }),
-        Err(_) => ptr::null_mut(),
-    }
+    forget_class(backend::alloc(size.max(1), align, zeroed))
 }
 
 /// A block just taken from jemalloc for no cached class: with `override`,
@@ -742,14 +730,10 @@ fn forget_class(block: *mut u8) -> *mut u8 {
 /// As `GlobalAlloc::dealloc`, for a block [`alloc_uncached`] made.
 #[inline(always)]
 unsafe fn free_uncached(ptr: *mut u8, size: usize, align: usize) {
-    if align <= 8 {
-        // SAFETY: `alloc_uncached` took the block from jemalloc's `malloc`
-        // for `size.max(1)` bytes; the rest is the caller's contract.
-        return unsafe { backend::free_sized(ptr, size.max(1)) };
-    }
-    // SAFETY: `alloc_uncached` made the block with this very layout, so it
-    // is a valid one; the rest is the caller's contract.
-    unsafe { backend::free(ptr, Layout::from_size_align_unchecked(size.max(1), align)) }
+    // SAFETY: `alloc_uncached` took the block from `backend::alloc` with
+    // this size (as 1 if zero) and alignment; the rest is the caller's
+    // contract.
+    unsafe { backend::free(ptr, size.max(1), align) }
 }
 
 /// A free the rseq hit path did not look up, as [`alloc_unserved`].

@@ -4,9 +4,10 @@
 //! for exactly the class size and a flush is a sized free of it: calls
 //! without flags, which jemalloc serves on its fast path, made directly
 //! through tikv-jemalloc-sys (a deferred return has no size at all).
-//! Larger layouts aligned to at most 8 take the same two calls. Over-aligned
-//! layouts the cache does not take go through tikv-jemallocator's
-//! `Jemalloc`, which already maps a layout to flags.
+//! Larger layouts aligned to at most 8 take the same two calls
+//! ([`alloc`], [`free`]); over-aligned layouts the cache does not take go
+//! through tikv-jemallocator's `Jemalloc`, which already maps a layout to
+//! flags.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::c_void;
@@ -64,33 +65,45 @@ pub(crate) unsafe fn usable_size(block: *const u8) -> usize {
     unsafe { je::sallocx(block as *const c_void, 0) }
 }
 
-/// Allocates a layout the cache does not serve (large or over-aligned),
-/// through tikv-jemallocator, whose `GlobalAlloc` maps the layout to
-/// jemalloc's flags (none where jemalloc aligns the size anyway).
-///
-/// # Safety
-/// `layout` has a non-zero size.
-#[inline]
-pub(crate) unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
-    // SAFETY: the caller's contract; jemalloc returns null for what it
-    // cannot serve.
-    unsafe {
-        if zeroed {
-            Jemalloc.alloc_zeroed(layout)
-        } else {
-            Jemalloc.alloc(layout)
-        }
+/// Allocates a layout the cache does not serve (larger than every cached
+/// size, or over-aligned). An alignment of at most 8 is one jemalloc gives
+/// every block, so that is [`alloc_sized`]'s `malloc`, with no flags to
+/// work out; a larger one goes through tikv-jemallocator, whose
+/// `GlobalAlloc` maps it to jemalloc's flags. Null where `size` and
+/// `align` make no `Layout`. `size` is non-zero.
+#[inline(always)]
+pub(crate) fn alloc(size: usize, align: usize, zeroed: bool) -> *mut u8 {
+    if align <= 8 {
+        return alloc_sized(size, zeroed);
+    }
+    match Layout::from_size_align(size, align) {
+        // SAFETY: a valid layout of non-zero size; jemalloc returns null
+        // for what it cannot serve.
+        Ok(layout) => unsafe {
+            if zeroed {
+                Jemalloc.alloc_zeroed(layout)
+            } else {
+                Jemalloc.alloc(layout)
+            }
+        },
+        Err(_) => core::ptr::null_mut(),
     }
 }
 
-/// Frees what [`alloc`] returned for the same layout.
+/// Frees what [`alloc`] returned for the same size and alignment.
 ///
 /// # Safety
-/// As `GlobalAlloc::dealloc`, with a non-zero size.
-#[inline]
-pub(crate) unsafe fn free(ptr: *mut u8, layout: Layout) {
-    // SAFETY: the caller's contract.
-    unsafe { Jemalloc.dealloc(ptr, layout) }
+/// `ptr` came from [`alloc`] with this `size` and `align`, and is no
+/// longer used.
+#[inline(always)]
+pub(crate) unsafe fn free(ptr: *mut u8, size: usize, align: usize) {
+    if align <= 8 {
+        // SAFETY: `alloc` took the block from `alloc_sized` for `size`.
+        return unsafe { free_sized(ptr, size) };
+    }
+    // SAFETY: `alloc` made the block with this layout, so it is a valid
+    // one; the rest is the caller's contract.
+    unsafe { Jemalloc.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) }
 }
 
 /// Resizes what [`alloc`] returned, in place when jemalloc can.
