@@ -389,7 +389,7 @@ mod imp {
                         off = in(reg) off,
                         t = in(reg) t,
                         ro = in(reg) ro,
-                        size = in(reg) site.served(),
+                        size = in(reg) site.lookup_index(),
                         block = in(reg) block,
                         r = out(reg) _,
                         w = out(reg) _,

@@ -381,7 +381,7 @@ impl Site {
     /// limit, so in range): the request's own, since each entry holds its
     /// served class's.
     #[inline(always)]
-    pub(crate) fn served(self) -> usize {
+    pub(crate) fn lookup_index(self) -> usize {
         self.size
     }
 }
@@ -820,9 +820,10 @@ mod tests {
                 assert_eq!(site.class(), class, "size {size}");
                 assert_eq!(lookup(site.size()), class, "size {size}");
                 assert!(site.size() >= 16 || !cfg!(feature = "hardened"));
-                // SAFETY: `served()` is below the limit, inside the caps.
-                let cap =
-                    unsafe { *(table.addr().add(CAP_BY_SIZE) as *const u64).add(site.served()) };
+                // SAFETY: `lookup_index()` is below the limit, inside the caps.
+                let cap = unsafe {
+                    *(table.addr().add(CAP_BY_SIZE) as *const u64).add(site.lookup_index())
+                };
                 assert_eq!(cap, g.caps[class.index()], "size {size}");
             }
             // SAFETY: nothing else uses it.
