@@ -1617,7 +1617,7 @@ impl Doc<'_> {
         );
         let _ = writeln!(
             md,
-            "\nThe sum estimates the floor: neither part waits long on a chain of latencies (the count word's store-to-load round trips, the only chain from one pair to the next, are the second row), both are bound by how fast the core issues instructions, so their times add, and no hit path can run fewer instructions than its section. What percpu spends over the sum is the code around its sections: the table pointer, the size limit, the record's offset and the rseq offset read per operation, the signal-scope check of a free and the cap read of a push. The last row is what the try-lock fallback pays per pair before its CPU read, its lists or the program's loop: an atomic read-modify-write costs several times a plain store."
+            "\nThe sum estimates the floor: neither part waits long on a chain of latencies (the count word's store-to-load round trips, the only chain from one pair to the next, are the second row), both are bound by how fast the core issues instructions, so their times add, and no hit path can run fewer instructions than its section. What percpu spends over the sum is the code around its sections: the table pointer, the size limit, the record's offset and the rseq offset read per operation, the signal-scope check of a free and the `nr_sig` and cap reads of a push; measured by taking parts out, the scope check costs nothing measurable and the `nr_sig` read about 5% (docs/design.md, \"How far a hit can go\"). The last row is what the try-lock fallback pays per pair before its CPU read, its lists or the program's loop: an atomic read-modify-write costs several times a plain store."
         );
     }
 
