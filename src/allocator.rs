@@ -441,7 +441,7 @@ impl PerCpuAlloc {
         #[cfg(feature = "override")]
         // SAFETY: the caller's contract: a live jemalloc block.
         unsafe {
-            backend::free_unsized(ptr)
+            backend::free_unrecorded(ptr)
         }
         #[cfg(not(feature = "override"))]
         // SAFETY: the caller's contract: a live jemalloc block. The layout
@@ -561,6 +561,35 @@ impl PerCpuAlloc {
                 Some(unsafe { &*theirs })
             }
         }
+    }
+
+    /// C's `malloc` (`zeroed`: `calloc`) of a size that makes a valid
+    /// layout with `malloc`'s alignment of 8: `alloc_impl` with its
+    /// unserved case split, so that a size past the cache goes from here
+    /// straight to jemalloc in a tail call. The exported `malloc` cannot
+    /// tail-call `alloc_unserved`: LLVM takes that one as able to unwind,
+    /// and a C function aborts on an unwind, so the call would keep a
+    /// frame, which cost a `malloc(4096)+free` pair 1.2 ns of 8
+    /// (docs/design.md, "Requests the cache does not serve"). Only the
+    /// fallback path and the call that makes the table stay calls.
+    ///
+    /// A null return has `errno` set: every null comes from jemalloc's
+    /// `malloc` or `calloc`, which set `ENOMEM`.
+    ///
+    /// # Safety
+    /// `size` and 8 make a valid `Layout`.
+    #[inline(always)]
+    pub(crate) unsafe fn alloc_for_c(&self, size: usize, zeroed: bool) -> *mut u8 {
+        // SAFETY: as in `alloc_impl`.
+        let table = unsafe { &*load_unfenced(&self.rseq) };
+        if let Some(site) = table.site(size) {
+            return rules::alloc::<Rseq>(table, site, if zeroed { size } else { 0 });
+        }
+        if !ptr::eq(table, Table::unmade()) {
+            // Past every cached size.
+            return backend::alloc_sized(size.max(1), zeroed);
+        }
+        alloc_elsewhere(size, 8, zeroed, self)
     }
 
     /// An alloc on the rseq path, the one inlined into `__rust_alloc`.
@@ -710,18 +739,7 @@ unsafe fn usable_size_from_jemalloc(ptr: *mut u8) -> usize {
 /// a `Layout` gets null.
 #[inline(always)]
 fn alloc_uncached(size: usize, align: usize, zeroed: bool) -> *mut u8 {
-    forget_class(backend::alloc(size.max(1), align, zeroed))
-}
-
-/// A block just taken from jemalloc for no cached class: with `override`,
-/// its page's class record is cleared (see `size_map`).
-#[inline(always)]
-fn forget_class(block: *mut u8) -> *mut u8 {
-    #[cfg(feature = "override")]
-    if !block.is_null() {
-        crate::size_map::forget(block);
-    }
-    block
+    backend::alloc(size.max(1), align, zeroed)
 }
 
 /// Frees what [`alloc_uncached`] returned for this size and alignment.
@@ -907,7 +925,7 @@ unsafe impl GlobalAlloc for PerCpuAlloc {
             // zero size asked for as 1 (so that layout is valid too).
             (None, None) => unsafe {
                 let old = Layout::from_size_align_unchecked(layout.size().max(1), layout.align());
-                forget_class(backend::realloc(ptr, old, new_size.max(1)))
+                backend::realloc(ptr, old, new_size.max(1))
             },
             _ => {
                 // SAFETY: `new_layout` is valid (checked above).

@@ -31,17 +31,21 @@ pub(crate) fn alloc_sized(size: usize, zeroed: bool) -> *mut u8 {
 
 /// Returns a block of the class of `size` (`sdallocx` without flags has a
 /// fast path): one that [`alloc_sized`] made for a size of that class,
-/// possibly through the cache, or for `size` itself.
+/// possibly through the cache, or for `size` itself. With `override` the
+/// block's page record is cleared first (see `size_map`).
 ///
 /// # Safety
 /// `block` is a live jemalloc block of the class of `size`, no longer used.
 #[inline(always)]
 pub(crate) unsafe fn free_sized(block: *mut u8, size: usize) {
+    #[cfg(feature = "override")]
+    crate::size_map::clear(block);
     // SAFETY: the caller's contract; jemalloc only needs the size's class.
     unsafe { je::sdallocx(block as *mut c_void, size, 0) }
 }
 
-/// Returns a block whose class is not known here (a deferred return).
+/// Returns a block whose class is not known here (a deferred return),
+/// clearing its page record first, as [`free_sized`] does.
 ///
 /// # Safety
 /// `block` is a live jemalloc allocation no longer used.
@@ -50,6 +54,20 @@ pub(crate) unsafe fn free_unsized(block: *mut u8) {
     // `free`, not `dallocx(block, 0)`: jemalloc 5.3's `free` tries its
     // thread cache's fast path (`free_fastpath`) first, where `dallocx`
     // goes straight to the general `ifree`.
+    #[cfg(feature = "override")]
+    crate::size_map::clear(block);
+    // SAFETY: the caller's contract.
+    unsafe { je::free(block as *mut c_void) }
+}
+
+/// Returns a block whose page has no class record (`override`'s C
+/// `free`): nothing to clear.
+///
+/// # Safety
+/// As [`free_unsized`].
+#[cfg(feature = "override")]
+#[inline(always)]
+pub(crate) unsafe fn free_unrecorded(block: *mut u8) {
     // SAFETY: the caller's contract.
     unsafe { je::free(block as *mut c_void) }
 }
@@ -98,8 +116,9 @@ pub(crate) fn alloc(size: usize, align: usize, zeroed: bool) -> *mut u8 {
 #[inline(always)]
 pub(crate) unsafe fn free(ptr: *mut u8, size: usize, align: usize) {
     if align <= 8 {
-        // SAFETY: `alloc` took the block from `alloc_sized` for `size`.
-        return unsafe { free_sized(ptr, size) };
+        // No page record to clear: `alloc` records none. SAFETY: `alloc`
+        // took the block from `alloc_sized` for `size`.
+        return unsafe { je::sdallocx(ptr as *mut c_void, size, 0) };
     }
     // SAFETY: `alloc` made the block with this layout, so it is a valid
     // one; the rest is the caller's contract.

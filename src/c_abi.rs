@@ -80,7 +80,8 @@ fn page_size() -> usize {
 pub unsafe fn malloc(a: &PerCpuAlloc, size: usize) -> *mut c_void {
     match Layout::from_size_align(size, MALLOC_ALIGN) {
         // SAFETY: a valid layout; a zero size gets a block of its own.
-        Ok(layout) => or_enomem(unsafe { a.alloc(layout) }),
+        // A null has `errno` set already.
+        Ok(_) => unsafe { a.alloc_for_c(size, false) }.cast(),
         Err(_) => enomem(),
     }
 }
@@ -92,10 +93,10 @@ pub unsafe fn malloc(a: &PerCpuAlloc, size: usize) -> *mut c_void {
 pub unsafe fn calloc(a: &PerCpuAlloc, n: usize, size: usize) -> *mut c_void {
     match n
         .checked_mul(size)
-        .and_then(|total| Layout::from_size_align(total, MALLOC_ALIGN).ok())
+        .filter(|&total| Layout::from_size_align(total, MALLOC_ALIGN).is_ok())
     {
-        // SAFETY: a valid layout.
-        Some(layout) => or_enomem(unsafe { a.alloc_zeroed(layout) }),
+        // SAFETY: a valid layout, as for `malloc`.
+        Some(total) => unsafe { a.alloc_for_c(total, true) }.cast(),
         None => enomem(),
     }
 }
@@ -649,6 +650,11 @@ mod tests {
             assert_eq!(malloc_usable_size(&a, ptr::null_mut()), 0);
             assert!(malloc(&a, black_box(usize::MAX)).is_null());
             assert_eq!(errno(), libc::ENOMEM);
+            // A size that makes a layout but that jemalloc refuses: its
+            // `errno` is the one `malloc` leaves.
+            *libc::__errno_location() = 0;
+            assert!(malloc(&a, black_box(1 << 62)).is_null());
+            assert_eq!(errno(), libc::ENOMEM);
         }
     }
 
@@ -664,6 +670,9 @@ mod tests {
             assert!((0..200).all(|i| *p.add(i) == 0));
             free(&a, p.cast());
             assert!(calloc(&a, black_box(usize::MAX / 2), 3).is_null());
+            assert_eq!(errno(), libc::ENOMEM);
+            *libc::__errno_location() = 0;
+            assert!(calloc(&a, black_box(1 << 31), 1 << 31).is_null());
             assert_eq!(errno(), libc::ENOMEM);
         }
     }
@@ -719,6 +728,62 @@ mod tests {
             assert_eq!(v as usize % page, 0);
             assert!(malloc_usable_size(&a, v) >= 2 * page);
             free(&a, v);
+        }
+    }
+
+    /// A block of a cached class goes back to jemalloc only after its
+    /// page's record is cleared (see `size_map`), by an overflow or a
+    /// trim alike.
+    #[cfg(feature = "override")]
+    #[test]
+    fn pages_name_no_class_once_their_blocks_are_back() {
+        use crate::size_map::class_of_block;
+        // A class only this test caches (the others keep the default limit
+        // of 1024 bytes), so no other thread records it; a block of it
+        // is the only one to start in its page. A cap of 4 makes most of
+        // the frees overflows.
+        const SIZE: usize = 5120;
+        let a =
+            PerCpuAlloc::with_config(crate::Config::new().with_max_cached_size(SIZE).with_cap(4));
+        let named = |blocks: &[*mut c_void]| {
+            blocks
+                .iter()
+                .filter(|&&p| class_of_block(p.cast()).map(|c| c.size()) == Some(SIZE))
+                .count()
+        };
+        let mut blocks = [ptr::null_mut(); 32];
+        // SAFETY: blocks of `a`, each freed once.
+        unsafe {
+            for p in &mut blocks {
+                *p = malloc(&a, SIZE);
+                assert!(!p.is_null());
+            }
+            assert_eq!(named(&blocks), blocks.len(), "every miss records its page");
+            for &p in &blocks {
+                free(&a, p);
+            }
+        }
+        assert!(
+            a.cached_bytes() < blocks.len() * SIZE,
+            "some frees overflowed"
+        );
+        assert_eq!(
+            named(&blocks) * SIZE,
+            a.cached_bytes(),
+            "the cached blocks keep their records, the ones back with jemalloc do not"
+        );
+        a.trim();
+        assert_eq!(
+            named(&blocks),
+            0,
+            "a trim clears the records of what it gives back"
+        );
+        // SAFETY: a block of `a`, freed once.
+        unsafe {
+            let large = malloc(&a, 64 << 10);
+            assert!(!large.is_null());
+            assert_eq!(class_of_block(large.cast()), None, "a large block's page");
+            free(&a, large);
         }
     }
 

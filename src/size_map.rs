@@ -4,14 +4,30 @@
 //! Asking jemalloc for a block's usable size (`sallocx`) costs about as
 //! much as the whole cached pair. Instead, every block this allocator
 //! takes from jemalloc for a cached class records its class in a byte for
-//! the page it starts in, and every other block it takes from jemalloc
-//! clears that byte. A page belongs to one jemalloc extent at a time, a
-//! small extent holds blocks of one class, and jemalloc can give a page to
-//! another extent only once every block in it is back, so the byte of a
-//! live block's page is the one its own allocation wrote: a cached block,
-//! which jemalloc counts as allocated, keeps its page. Pages that were
-//! never recorded read 0, and so does every page of a gigabyte with no
-//! recorded block; the caller then gives the block to jemalloc as it is.
+//! the page it starts in ([`record`]), and every block of a cached class
+//! goes back to jemalloc only after clearing that byte ([`clear`], in the
+//! backend's frees). Blocks of no cached class write nothing, so a
+//! `malloc` past the cache is a tail call to jemalloc.
+//!
+//! A byte cleared while other blocks of its page are still live only costs
+//! those blocks the cache: their `free` finds no record and hands them to
+//! jemalloc as they are, until a miss in that page records it again. What
+//! must never be read is a byte that names a class for a page jemalloc has
+//! given to another extent, and no such byte survives:
+//!
+//! - a record is written while its block is live, before that block goes
+//!   back to jemalloc;
+//! - the block goes back after a clear of its own, or after C's `free`
+//!   found the page clear, which is then a clear later than the record;
+//! - so every record is followed by a clear before its block is back, and
+//!   jemalloc gives a page to another extent only once every block that
+//!   starts in it is back: by then the page's last write is a clear, and
+//!   the new extent's blocks read it or later records.
+//!
+//! A small extent holds blocks of one class, so a byte that names a class
+//! names it for every block that starts in its page. Pages that were never
+//! recorded read 0, and so does every page of a gigabyte with no recorded
+//! block; the caller then gives the block to jemalloc as it is.
 //!
 //! Two levels: a static root of one pointer per gigabyte of the 47-bit
 //! address space (1 MiB of zeroed `.bss`, touched only where used), and a
@@ -90,10 +106,10 @@ pub(crate) fn record(block: *const u8, class: Class) {
     }
 }
 
-/// `block`, just taken from jemalloc for anything but a cached class,
-/// clears what an earlier extent of its page recorded.
+/// `block`, of a cached class, is about to go back to jemalloc: its page
+/// may start no cached block for all this map knows.
 #[inline]
-pub(crate) fn forget(block: *const u8) {
+pub(crate) fn clear(block: *const u8) {
     if let Some(s) = slot(block, false) {
         s.store(0, Ordering::Relaxed);
     }
@@ -113,7 +129,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_forgets_and_reads_nothing_elsewhere() {
+    fn records_clears_and_reads_nothing_elsewhere() {
         let class = Class::from_index(4).unwrap();
         // Far from where mmap places anything here (16 TiB), so no real
         // block of this process shares the page.
@@ -124,7 +140,7 @@ mod tests {
         // Another address in the page, and the next page.
         assert_eq!(class_of_block(page.wrapping_add(100)), Some(class));
         assert_eq!(class_of_block(page.wrapping_add(4096)), None);
-        forget(page);
+        clear(page);
         assert_eq!(class_of_block(page), None);
         // Beyond 47 bits: never recorded.
         let high = 1usize << 50;
