@@ -28,7 +28,7 @@ cflags=(-O2 -Wall -Wextra -Werror -pthread)
 for t in c_abi threads fork signals dlopen dlopen_refused; do
     gcc "${cflags[@]}" -o "$out/$t" "capi/tests/$t.c" -ldl
 done
-g++ "${cflags[@]}" -std=c++17 -fsized-deallocation -o "$out/cxx" capi/tests/cxx.cpp
+g++ "${cflags[@]}" -std=c++17 -fsized-deallocation -o "$out/cxx" capi/tests/cxx.cpp -ldl
 gcc -O2 -fPIC -shared -o "$out/libtls_lib.so" capi/tests/tls_lib.c
 
 # run LIB PATH PROGRAM [ARGS...]: PROGRAM under LD_PRELOAD=LIB on PATH.
