@@ -700,7 +700,7 @@ fn run(opts: &Options) -> Result<(), String> {
     };
     let _ = writeln!(
         md,
-        "\n- No slower than {ref_name}: {}, {} of {} programs (slower: {}).",
+        "\n- No slower than {ref_name}: {}, held on {} of {} programs (slower: {}).",
         if slower.is_empty() { "met" } else { "missed" },
         progs.len() - slower.len(),
         progs.len(),
@@ -708,7 +708,7 @@ fn run(opts: &Options) -> Result<(), String> {
     );
     let _ = writeln!(
         md,
-        "- No more peak RSS than {ref_name}: {}, {} of {} (more: {}).",
+        "- No more peak RSS than {ref_name}: {}, held on {} of {} (more: {}).",
         if fatter.is_empty() { "met" } else { "missed" },
         progs.len() - fatter.len(),
         progs.len(),
