@@ -573,6 +573,16 @@ impl Table {
         class_of_aligned(size, align, self.0.size_limit).map(|class| self.site_of(class))
     }
 
+    /// Where a block of `class` is freed to, if this table caches it: for
+    /// every class a block can be taken for, the site `site(class.size())`
+    /// finds, without the lookup by size (with `hardened`, 8-byte requests
+    /// are served by the 16-byte class, so no block is of the 8-byte one).
+    #[inline(always)]
+    pub(crate) fn site_of_class(&self, class: Class) -> Option<Site> {
+        // Below the limit, the class is cached (`header_limit`).
+        (class.size() < self.0.size_limit).then(|| self.site_of(class))
+    }
+
     /// Where blocks of `class`, a cached class, are.
     #[inline]
     pub(crate) fn site_of(&self, class: Class) -> Site {
@@ -825,6 +835,36 @@ mod tests {
                     *(table.addr().add(CAP_BY_SIZE) as *const u64).add(site.lookup_index())
                 };
                 assert_eq!(cap, g.caps[class.index()], "size {size}");
+            }
+            // SAFETY: nothing else uses it.
+            unsafe { Table::destroy(t) };
+        }
+    }
+
+    #[test]
+    fn a_class_finds_the_site_its_size_finds() {
+        for max in [0, 8, 16, 24, 256, MAX_CACHEABLE_SIZE] {
+            let config = Config::new().with_max_cached_size(max);
+            let t = Table::create(&config, Path::Fallback, 0, 1);
+            assert!(!t.is_null());
+            // SAFETY: just made, destroyed below.
+            let table = unsafe { &*t };
+            for class in Class::all() {
+                let by_size = table.site(class.size());
+                let by_class = table.site_of_class(class);
+                match by_size {
+                    // `hardened`'s 8-byte requests: the 16-byte class, so
+                    // no block is ever of the 8-byte one.
+                    Some(site) if site.class() != class => {
+                        assert!(cfg!(feature = "hardened") && class.size() == 8);
+                    }
+                    _ => assert_eq!(
+                        by_class.map(|s| (s.rec_off, s.size())),
+                        by_size.map(|s| (s.rec_off, s.size())),
+                        "max {max}, class {}",
+                        class.size()
+                    ),
+                }
             }
             // SAFETY: nothing else uses it.
             unsafe { Table::destroy(t) };
