@@ -398,7 +398,8 @@ impl PerCpuAlloc {
         // anyway, so the hit path makes it once.
         #[cfg(feature = "override")]
         return match crate::size_map::class_of_block(ptr) {
-            // SAFETY: a block of that class, the caller's contract else.
+            // SAFETY: the page's record names the block's class
+            // (`size_map`); the rest is the caller's contract.
             Some(class) => unsafe { self.dealloc_of_class(ptr, class) },
             // SAFETY: forwarded.
             None => unsafe { self.dealloc_unrecorded(ptr) },
