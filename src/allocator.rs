@@ -611,7 +611,7 @@ impl PerCpuAlloc {
         }
         if !ptr::eq(table, Table::unmade()) {
             // Past every cached size.
-            return backend::alloc_sized(size.max(1), zeroed);
+            return alloc_uncached(size, 8, zeroed);
         }
         alloc_elsewhere(size, 8, zeroed, self)
     }

@@ -806,19 +806,28 @@ mod tests {
         assert!(!TaskWord::EMPTY.can_push_slot(0, 0));
     }
 
+    /// `f` on a one-CPU table for each of a range of size limits, among
+    /// them the 8-byte class alone, which `hardened` does not cache.
+    fn for_each_limit(mut f: impl FnMut(usize, &Config, &Table)) {
+        for max in [0, 8, 16, 24, 256, MAX_CACHEABLE_SIZE] {
+            let config = Config::new().with_max_cached_size(max);
+            let t = Table::create(&config, Path::Fallback, 0, 1);
+            assert!(!t.is_null());
+            // SAFETY: just made, destroyed below.
+            f(max, &config, unsafe { &*t });
+            // SAFETY: nothing else uses it.
+            unsafe { Table::destroy(t) };
+        }
+    }
+
     #[test]
     fn every_cached_size_finds_its_served_class() {
         // The hit paths look up a request's own size; what they find must
         // be its served size's class, record and cap, and a size whose
         // served size is not cached must find nothing (with `hardened`, a
         // table of the 8-byte class alone caches nothing at all).
-        for max in [0, 8, 16, 24, 256, MAX_CACHEABLE_SIZE] {
-            let config = Config::new().with_max_cached_size(max);
-            let t = Table::create(&config, Path::Fallback, 0, 1);
-            assert!(!t.is_null());
-            // SAFETY: just made, destroyed below.
-            let table = unsafe { &*t };
-            let g = Geometry::of(&config);
+        for_each_limit(|max, config, table| {
+            let g = Geometry::of(config);
             for size in 0..=MAX_CACHEABLE_SIZE + 1 {
                 let served = served_size(size);
                 let class = lookup(served.min(MAX_CACHEABLE_SIZE));
@@ -836,19 +845,12 @@ mod tests {
                 };
                 assert_eq!(cap, g.caps[class.index()], "size {size}");
             }
-            // SAFETY: nothing else uses it.
-            unsafe { Table::destroy(t) };
-        }
+        });
     }
 
     #[test]
     fn a_class_finds_the_site_its_size_finds() {
-        for max in [0, 8, 16, 24, 256, MAX_CACHEABLE_SIZE] {
-            let config = Config::new().with_max_cached_size(max);
-            let t = Table::create(&config, Path::Fallback, 0, 1);
-            assert!(!t.is_null());
-            // SAFETY: just made, destroyed below.
-            let table = unsafe { &*t };
+        for_each_limit(|max, _, table| {
             for class in Class::all() {
                 let by_size = table.site(class.size());
                 let by_class = table.site_of_class(class);
@@ -866,9 +868,7 @@ mod tests {
                     ),
                 }
             }
-            // SAFETY: nothing else uses it.
-            unsafe { Table::destroy(t) };
-        }
+        });
     }
 
     #[test]
