@@ -20,8 +20,9 @@ pub(crate) enum Event {
     Deferred,
 }
 
-/// How many kinds of [`Event`] there are.
-pub(crate) const EVENTS: usize = 8;
+/// How many kinds of [`Event`] there are: the counters each record holds.
+#[cfg(feature = "stats")]
+pub(crate) const EVENTS: usize = Event::Deferred as usize + 1;
 
 /// Whether this build counts events (the `stats` feature).
 pub(crate) const COUNTING: bool = cfg!(feature = "stats");

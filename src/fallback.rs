@@ -229,8 +229,12 @@ pub(crate) fn choose_cpu_reader(ncpu: usize) {
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn rdpid_agrees() -> bool {
     // CPUID leaf 7 exists on every x86_64 CPU that has RDPID; on older
-    // ones it returns zeros, which reads as "no RDPID".
-    let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
+    // ones it returns zeros, which reads as "no RDPID". The intrinsic is
+    // safe in recent Rust and unsafe in the releases `rust-version`
+    // allows, hence the allowance.
+    #[allow(unused_unsafe)]
+    // SAFETY: every x86_64 CPU has CPUID.
+    let leaf7 = unsafe { core::arch::x86_64::__cpuid_count(7, 0) };
     if leaf7.ecx & (1 << 22) == 0 {
         return false;
     }

@@ -35,6 +35,7 @@
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use crate::config::Config;
+#[cfg(feature = "stats")]
 use crate::counters::EVENTS;
 use crate::list::{AtomicList, ListWord, COUNT_SHIFT, PTR_MASK};
 use crate::percpu::Path;
@@ -211,6 +212,7 @@ pub(crate) struct Record {
 /// operand.
 pub(crate) const REC_HDR: usize = core::mem::size_of::<Record>();
 const _: () = assert!(REC_HDR.is_multiple_of(8));
+#[cfg(feature = "stats")]
 const _: () = assert!(EVENTS * 8 <= 64);
 /// Offsets of the record's words, as the sections address them.
 pub(crate) const TASK_OFF: usize = core::mem::offset_of!(Record, task);
@@ -577,6 +579,7 @@ impl Table {
     /// every class a block can be taken for, the site `site(class.size())`
     /// finds, without the lookup by size (with `hardened`, 8-byte requests
     /// are served by the 16-byte class, so no block is of the 8-byte one).
+    #[cfg(any(feature = "override", test))]
     #[inline(always)]
     pub(crate) fn site_of_class(&self, class: Class) -> Option<Site> {
         // Below the limit, the class is cached (`header_limit`).
