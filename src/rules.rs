@@ -264,22 +264,39 @@ fn hand_back_deferred(head: &CpuHead) {
 #[cold]
 #[inline(never)]
 unsafe fn free_refused<P: PerCpu>(block: *mut u8, site: Site, t: &Table, why: Push) {
+    // The overflow first, with a compare of its own and nothing else to
+    // set up: as one arm of a `match` it sat behind a jump table and the
+    // class lookup, and on the fallback path behind the register saves
+    // the other cases need, which every free past the cap paid for.
+    if why == Push::Overflow {
+        // 1. Past the cap with nothing else to do.
+        if COUNTING {
+            let rec = here::<P>(t, site.class());
+            count(t, rec, Event::FreeTask);
+            count(t, rec, Event::Overflow);
+        }
+        // SAFETY: our caller's block, of the site's class.
+        return unsafe { backend::free_sized(block, site.size()) };
+    }
+    // SAFETY: our caller's block, still.
+    unsafe { free_refused_otherwise::<P>(block, site, t, why) }
+}
+
+/// A refusal other than a plain overflow: a busy slot (fallback), a
+/// double free (`hardened`), or a list the slots alone do not settle
+/// (no CPU, a chain, a drain, deferred blocks).
+///
+/// # Safety
+/// As [`free`].
+#[cold]
+#[inline(never)]
+unsafe fn free_refused_otherwise<P: PerCpu>(block: *mut u8, site: Site, t: &Table, why: Push) {
     let class = site.class();
     match why {
-        Push::Overflow => {
-            // 1. Past the cap with nothing else to do.
-            if COUNTING {
-                let rec = here::<P>(t, class);
-                count(t, rec, Event::FreeTask);
-                count(t, rec, Event::Overflow);
-            }
-            // SAFETY: our caller's block, of the site's class.
-            return unsafe { backend::free_sized(block, site.size()) };
-        }
         // SAFETY: our caller's block.
         Push::Busy => return unsafe { free_busy::<P>(t, class, block) },
         Push::Twice => hardened::double_free(block),
-        Push::Refused | Push::Done => {}
+        Push::Overflow | Push::Refused | Push::Done => {}
     }
     match here::<P>(t, class) {
         // SAFETY: our caller's block of `class`.
