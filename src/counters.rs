@@ -21,6 +21,7 @@ pub(crate) enum Event {
 }
 
 /// How many kinds of [`Event`] there are: the counters each record holds.
+/// `Deferred` is the last kind; a new one goes before it.
 #[cfg(feature = "stats")]
 pub(crate) const EVENTS: usize = Event::Deferred as usize + 1;
 
