@@ -414,8 +414,8 @@ impl PerCpuAlloc {
     /// [`dealloc_unsized`](Self::dealloc_unsized) of a block whose page
     /// names its class: the rseq hit path with the class's site taken
     /// from the table directly, not through the class's size (a load
-    /// fewer on the way to the section); `dealloc` with the class size
-    /// otherwise.
+    /// fewer on the way to the section); otherwise what `dealloc` with the
+    /// class size does when its lookup fails.
     ///
     /// # Safety
     /// As `dealloc_unsized`, and `ptr` is a block of `class`.
@@ -428,12 +428,14 @@ impl PerCpuAlloc {
             // SAFETY: a block of the site's class from this allocator.
             Some(site) => unsafe { rules::free::<Rseq>(table, site, ptr) },
             // Not cached on the rseq path (no table, the fallback, or a
-            // class this table does not cache). SAFETY: the layout is
-            // valid (a class size, align 8), and a block of that class is
-            // what `dealloc` with it takes.
-            None => unsafe {
-                self.dealloc(ptr, Layout::from_size_align_unchecked(class.size(), 8))
-            },
+            // class this table does not cache): where `dealloc`'s own
+            // lookup of the class size would fail too (the two agree, see
+            // `Table::site_of_class`), so straight to its out-of-line
+            // half. Calling `dealloc` here inlined a second copy of its
+            // lookup and section into C's `free`, one that could only
+            // refuse. SAFETY: a block of `class`, so of the layout
+            // (class size, 8), from this allocator.
+            None => unsafe { dealloc_unserved(ptr, class.size(), 8, self) },
         }
     }
 
